@@ -1,0 +1,19 @@
+# neuroscribe: describe every neuron of the chosen layers of a vision model.
+# Run `snakemake --profile profiles/local --configfile config/demo.yaml` (see README.md).
+# Rules live in workflow/rules/; only the default target is here, because Snakemake takes the
+# default target from the main Snakefile, never from an included file.
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/probe.smk"
+include: "workflow/rules/activations.smk"
+include: "workflow/rules/exemplars.smk"
+include: "workflow/rules/describe.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/descriptions.parquet",
+        f"{RESULTS}/descriptions.csv",
+    default_target: True
+    localrule: True

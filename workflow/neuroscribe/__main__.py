@@ -1,0 +1,3 @@
+from neuroscribe.cli import main
+
+raise SystemExit(main())

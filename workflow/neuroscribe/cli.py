@@ -1,0 +1,88 @@
+"""`python -m neuroscribe STAGE JSON`: the one call each Snakemake rule makes into the package.
+
+The JSON object holds the stage's arguments (paths, specs, settings), so a job can be re-run by
+hand from the command `snakemake -p` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from neuroscribe import activations, demo, describe, exemplars, probe
+from neuroscribe.config import DatasetSpec, LayerSpec, TargetSpec
+from neuroscribe.io import write_json
+from neuroscribe.plan import format_plan
+
+
+def _render_demo(a: dict[str, Any]) -> None:
+    demo.render_probe(a["out_dir"], a["n_images"], a["image_size"], a["seed"])
+
+
+def _manifest(a: dict[str, Any]) -> None:
+    datasets = [DatasetSpec.from_dict(d) for d in a["datasets"]]
+    probe.build_manifest(datasets, a["results"], a["manifest"], a["rejected"], a.get("workers", 1))
+
+
+def _activations(a: dict[str, Any]) -> None:
+    activations.extract_shard(
+        manifest=a["manifest"],
+        target=TargetSpec.from_dict(a["target"]),
+        layers=[LayerSpec(**layer) for layer in a["layers"]],
+        shard=a["shard"],
+        n_shards=a["n_shards"],
+        out=a["out"],
+        batch_size=a["batch_size"],
+        workers=a["workers"],
+        device=a["device"],
+        dtype=a["dtype"],
+    )
+
+
+def _merge(a: dict[str, Any]) -> None:
+    target = TargetSpec.from_dict(a["target"])
+    activations.merge_layer(a["shards"], target, target.layer(a["layer"]), a["out"], a["top_k"])
+
+
+def _exemplars(a: dict[str, Any]) -> None:
+    exemplars.chunk_exemplars(a["layer_h5"], a["model"], a["layer"], a["neurons"], a["out"])
+
+
+def _describe(a: dict[str, Any]) -> None:
+    describe.write_descriptions(a["exemplars"], a["models"], a["methods"], a["parquet"], a["csv"])
+
+
+def _plan(a: dict[str, Any]) -> None:
+    write_json(a["plan"], a["out"])
+    print(format_plan(a["plan"]))
+    print(f"plan written to {a['out']}")
+
+
+STAGES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "render-demo": _render_demo,
+    "manifest": _manifest,
+    "activations": _activations,
+    "merge": _merge,
+    "exemplars": _exemplars,
+    "describe": _describe,
+    "plan": _plan,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] not in STAGES:
+        print(
+            f"usage: python -m neuroscribe {{{','.join(STAGES)}}} JSON_ARGUMENTS", file=sys.stderr
+        )
+        return 2
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    STAGES[argv[0]](json.loads(argv[1]))
+    return 0

@@ -1,0 +1,238 @@
+"""Config validation (JSON schema via `snakemake.utils.validate`) and the typed records built from it."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+FILELIST_SUFFIXES = (".csv", ".parquet")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key, what is allowed and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Transform:
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    neurons: str | dict[str, int]
+    pooling: str
+    tokens: str
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    spec: str
+    weights: str | None
+    transform: Transform
+    layers: tuple[LayerSpec, ...]
+
+    @property
+    def kind(self) -> str:
+        return self.spec.split(":", 1)[0]
+
+    @property
+    def ref(self) -> str:
+        return self.spec.split(":", 1)[1]
+
+    def layer(self, name: str) -> LayerSpec:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TargetSpec:
+        transform = data["transform"]
+        return cls(
+            name=data["name"],
+            spec=data["spec"],
+            weights=data.get("weights"),
+            transform=Transform(
+                resize=transform["resize"],
+                crop=transform["crop"],
+                mean=tuple(transform["mean"]),
+                std=tuple(transform["std"]),
+            ),
+            layers=tuple(LayerSpec(**layer) for layer in data["layers"]),
+        )
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    type: str
+    path: str | None = None
+    labels: str = "none"
+    path_column: str = "path"
+    label_column: str = "label"
+    n_images: int = 240
+    image_size: int = 64
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DatasetSpec:
+        return cls(**data)
+
+
+def validate_config(config: dict[str, Any], check_paths: bool = True) -> dict[str, Any]:
+    """Validate `config` in place against the schema (filling defaults), then check what a
+    schema cannot (unique names, existing paths). Raises ConfigError with a readable message."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(SCHEMA_PATH))
+    except WorkflowError as exc:
+        cause = exc.__context__
+        if isinstance(cause, jsonschema.ValidationError):
+            raise ConfigError(format_validation_error(cause)) from None
+        raise
+    _check_semantics(config, check_paths)
+    return config
+
+
+def targets_from_config(config: dict[str, Any]) -> list[TargetSpec]:
+    """Typed targets with per-layer pooling/tokens/neurons resolved from the target defaults."""
+    targets = []
+    for raw in config["targets"]:
+        layers = []
+        for layer in raw["layers"]:
+            entry = {"name": layer} if isinstance(layer, str) else layer
+            layers.append(
+                LayerSpec(
+                    name=entry["name"],
+                    neurons=entry.get("neurons", "all"),
+                    pooling=entry.get("pooling", raw["pooling"]),
+                    tokens=entry.get("tokens", raw["tokens"]),
+                )
+            )
+        targets.append(TargetSpec.from_dict({**raw, "layers": [asdict(layer) for layer in layers]}))
+    return targets
+
+
+def datasets_from_config(config: dict[str, Any]) -> list[DatasetSpec]:
+    return [DatasetSpec.from_dict(d) for d in config["probe"]["datasets"]]
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+def _where(path: Any) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _description(err: jsonschema.ValidationError) -> str | None:
+    node: jsonschema.ValidationError | None = err
+    while node is not None:
+        if "description" in node.schema:
+            return " ".join(str(node.schema["description"]).split())
+        node = node.parent
+    return None
+
+
+def format_validation_error(err: jsonschema.ValidationError) -> str:
+    """Turn a jsonschema error into one line naming the key, the bad value and what is allowed."""
+    where = _where(err.absolute_path)
+    key = f"config key '{where}'" if where else "config"
+    validator = err.validator
+    if validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        unknown = sorted(set(err.instance) - set(allowed))
+        bad = unknown[0]
+        close = difflib.get_close_matches(bad, allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return (
+            f"{'config' if not where else f'config section {where!r}'}: unknown key '{bad}'{hint}; "
+            f"allowed keys: {', '.join(allowed)}"
+        )
+    if validator == "required":
+        missing = [k for k in err.validator_value if k not in err.instance]
+        section = f"config section '{where}'" if where else "config"
+        return f"{section}: missing required key '{missing[0]}'"
+    if validator == "enum":
+        allowed = ", ".join(str(v) for v in err.validator_value)
+        return f"{key}: {err.instance!r} is not allowed; allowed values: {allowed}"
+    if validator == "type":
+        expected = err.validator_value
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        return f"{key}: expected {expected}, got {err.instance!r}"
+    if validator in ("pattern", "anyOf", "oneOf"):
+        desc = _description(err)
+        return f"{key}: {err.instance!r} is not valid" + (f"; expected {desc}" if desc else "")
+    return f"{key}: {err.message}"
+
+
+# -- checks a schema cannot express ------------------------------------------------------------
+
+
+def _unique(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"{what} '{name}' appears twice; give each a distinct name")
+        seen.add(name)
+
+
+def _check_semantics(config: dict[str, Any], check_paths: bool) -> None:
+    _unique([t["name"] for t in config["targets"]], "target name")
+    for i, target in enumerate(config["targets"]):
+        layer_names = [x if isinstance(x, str) else x["name"] for x in target["layers"]]
+        _unique(layer_names, f"targets[{i}]: layer")
+        tf = target["transform"]
+        if tf["crop"] > tf["resize"]:
+            raise ConfigError(
+                f"config key 'targets[{i}].transform.crop': {tf['crop']} is larger than "
+                f"transform.resize ({tf['resize']}); the centre crop must fit in the resized image"
+            )
+        kind = target["spec"].split(":", 1)[0]
+        weights = target.get("weights")
+        if kind == "hf" and weights:
+            raise ConfigError(
+                f"config key 'targets[{i}].weights': hf targets take their weights from the hub id "
+                f"or folder in spec; remove weights ({weights!r})"
+            )
+        weights_is_file = kind == "python" or (kind == "timm" and weights != "pretrained")
+        if check_paths and weights and weights_is_file and not Path(weights).is_file():
+            raise ConfigError(
+                f"config key 'targets[{i}].weights': file {weights!r} does not exist"
+                + ("; use `pretrained` for timm's own weights" if kind == "timm" else "")
+            )
+    datasets = config["probe"]["datasets"]
+    _unique([d["name"] for d in datasets], "probe dataset name")
+    for i, ds in enumerate(datasets):
+        where = f"config key 'probe.datasets[{i}].path'"
+        if ds["type"] == "filelist" and not ds["path"].endswith(FILELIST_SUFFIXES):
+            raise ConfigError(f"{where}: {ds['path']!r} is not a .csv or .parquet file list")
+        if not check_paths or ds["type"] == "demo":
+            continue
+        path = Path(ds["path"])
+        if ds["type"] == "folder" and not path.is_dir():
+            raise ConfigError(
+                f"{where}: folder {ds['path']!r} of dataset '{ds['name']}' does not exist; "
+                "set it to your image folder"
+            )
+        if ds["type"] == "filelist" and not path.is_file():
+            raise ConfigError(
+                f"{where}: file list {ds['path']!r} of dataset '{ds['name']}' does not exist"
+            )

@@ -1,0 +1,119 @@
+"""The fan-out known when the workflow is parsed: shards of images, layers, chunks of neurons."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neuroscribe.config import (
+    ConfigError,
+    DatasetSpec,
+    TargetSpec,
+    datasets_from_config,
+    targets_from_config,
+    validate_config,
+)
+from neuroscribe.models import check_layers, inspect_target
+from neuroscribe.probe import count_candidates
+
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def select_neurons(neurons: str | dict[str, int], size: int, where: str) -> list[int]:
+    """Sorted neuron indices for `all`, a range list like "0-63,100", or {sample, seed}."""
+    if neurons == "all":
+        return list(range(size))
+    if isinstance(neurons, dict):
+        n = neurons["sample"]
+        if n > size:
+            raise ConfigError(f"{where}: sample of {n} neurons asked, but the layer has {size}")
+        rng = np.random.default_rng(neurons.get("seed", 0))
+        return sorted(int(i) for i in rng.choice(size, size=n, replace=False))
+    chosen: set[int] = set()
+    for part in neurons.split(","):
+        match = _RANGE.match(part)
+        assert match is not None  # the schema pattern already checked the syntax
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) is not None else lo
+        if lo > hi:
+            raise ConfigError(f"{where}: range '{part.strip()}' is reversed; write it low-high")
+        if hi >= size:
+            raise ConfigError(
+                f"{where}: neuron {hi} is out of range; the layer has {size} neurons (0-{size - 1})"
+            )
+        chosen.update(range(lo, hi + 1))
+    return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    model: str
+    layer: str
+    index: int
+    neurons: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:04d}"
+
+
+@dataclass
+class Layout:
+    run: str
+    results: str
+    targets: dict[str, TargetSpec]
+    datasets: list[DatasetSpec]
+    layer_sizes: dict[str, dict[str, int]]
+    chunks: dict[tuple[str, str], list[Chunk]]
+    n_candidates: int
+    n_shards: int
+
+    def chunk(self, model: str, layer: str, name: str) -> Chunk:
+        return self.chunks[(model, layer)][int(name)]
+
+    def all_chunks(self) -> list[Chunk]:
+        return [c for chunks in self.chunks.values() for c in chunks]
+
+
+def build_layout(config: dict[str, Any], results_root: str | Path = "results") -> Layout:
+    """Validate the config and work out every job the DAG will hold, without heavy work:
+    layer shapes come from a cached inspection of the model, image counts from a file listing."""
+    validate_config(config)
+    results = f"{Path(results_root).as_posix()}/{config['run']}"
+    targets = {t.name: t for t in targets_from_config(config)}
+    layer_sizes: dict[str, dict[str, int]] = {}
+    chunks: dict[tuple[str, str], list[Chunk]] = {}
+    size = config["chunk_size"]
+    for ti, target in enumerate(targets.values()):
+        modules = inspect_target(target, f"{results}/inspect")
+        sizes = check_layers(target, modules)
+        layer_sizes[target.name] = sizes
+        for li, layer in enumerate(target.layers):
+            where = f"config key 'targets[{ti}].layers[{li}].neurons' (layer {layer.name})"
+            selected = select_neurons(layer.neurons, sizes[layer.name], where)
+            chunks[(target.name, layer.name)] = [
+                Chunk(target.name, layer.name, i, tuple(selected[s : s + size]))
+                for i, s in enumerate(range(0, len(selected), size))
+            ]
+    datasets = datasets_from_config(config)
+    n_candidates = count_candidates(datasets)
+    if n_candidates == 0:
+        names = ", ".join(f"{d.name} ({d.path})" for d in datasets)
+        raise ConfigError(
+            f"the probe set is empty: no files in {names}; check probe.datasets paths"
+        )
+    return Layout(
+        run=config["run"],
+        results=results,
+        targets=targets,
+        datasets=datasets,
+        layer_sizes=layer_sizes,
+        chunks=chunks,
+        n_candidates=n_candidates,
+        n_shards=math.ceil(n_candidates / config["shard_size"]),
+    )

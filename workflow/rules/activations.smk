@@ -1,0 +1,62 @@
+rule activations:
+    input:
+        manifest=f"{RESULTS}/probe/manifest.parquet",
+    output:
+        f"{RESULTS}/activations/{{model}}/shard-{{shard}}.h5",
+    log:
+        f"{RESULTS}/logs/activations/{{model}}/shard-{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/activations/{{model}}/shard-{{shard}}.tsv"
+    params:
+        args=lambda w, input, output, threads: as_json(
+            {
+                "manifest": input.manifest,
+                "target": target_dict(w.model),
+                "layers": target_dict(w.model)["layers"],
+                "shard": int(w.shard),
+                "n_shards": LAYOUT.n_shards,
+                "out": output[0],
+                "batch_size": config["batch_size"],
+                "workers": threads,
+                "device": config["device"],
+                "dtype": config["dtype"],
+            }
+        ),
+    threads: stage_resource("activations", "cpus")
+    resources:
+        mem_mb=scaled("activations", "mem_mb"),
+        runtime=scaled("activations", "runtime"),
+        gpu=stage_resource("activations", "gpus"),
+    conda:
+        GPU_ENV
+    shell:
+        "python -m neuroscribe activations {params.args:q} 2> {log}"
+
+
+rule merge_activations:
+    input:
+        shard_files,
+    output:
+        f"{RESULTS}/activations/{{model}}/{{layer}}.h5",
+    log:
+        f"{RESULTS}/logs/merge_activations/{{model}}/{{layer}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/merge_activations/{{model}}/{{layer}}.tsv"
+    params:
+        args=lambda w, input, output: as_json(
+            {
+                "shards": list(input),
+                "target": target_dict(w.model),
+                "layer": w.layer,
+                "out": output[0],
+                "top_k": config["top_k"],
+            }
+        ),
+    threads: stage_resource("merge", "cpus")
+    resources:
+        mem_mb=scaled("merge", "mem_mb"),
+        runtime=scaled("merge", "runtime"),
+    conda:
+        CPU_ENV
+    shell:
+        "python -m neuroscribe merge {params.args:q} 2> {log}"

@@ -1,0 +1,68 @@
+import json
+
+from neuroscribe.fanout import build_layout
+from neuroscribe.plan import build_plan
+from neuroscribe.probe import demo_folder
+
+
+configfile: "config/config.yaml"
+
+
+# Validates the config (defaults filled in) and inspects the models (cached), so a bad config
+# or layer name fails here, before `snakemake -n` prints anything.
+LAYOUT = build_layout(config)
+RESULTS = LAYOUT.results
+CPU_ENV = "../../envs/cpu.yaml"
+GPU_ENV = "../../envs/gpu.yaml"
+
+
+wildcard_constraints:
+    model=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    layer=r"(?!shard-)[^/]+",
+    chunk=r"\d{4}",
+    shard=r"\d{4}",
+    dataset=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+
+
+def as_json(obj):
+    """Stage arguments for `python -m neuroscribe STAGE JSON` (sorted, so params are stable)."""
+    return json.dumps(obj, sort_keys=True)
+
+
+def stage_resource(stage, key):
+    return config["resources"][stage][key]
+
+
+def scaled(stage, key):
+    """Memory/runtime that grow with the attempt number when a job is retried."""
+    base = stage_resource(stage, key)
+    return lambda wildcards, attempt: base * attempt
+
+
+def target_dict(model):
+    return LAYOUT.targets[model].to_dict()
+
+
+def model_ids():
+    return {
+        name: t.spec + (f"@{t.weights}" if t.weights else "")
+        for name, t in LAYOUT.targets.items()
+    }
+
+
+def demo_dirs():
+    return [str(demo_folder(RESULTS, d)) for d in LAYOUT.datasets if d.type == "demo"]
+
+
+def shard_files(wildcards):
+    return expand(
+        f"{RESULTS}/activations/{wildcards.model}/shard-{{shard:04d}}.h5",
+        shard=range(LAYOUT.n_shards),
+    )
+
+
+def chunk_outputs(stage, suffix):
+    return [
+        f"{RESULTS}/{stage}/{c.model}/{c.layer}/{c.name}.{suffix}"
+        for c in LAYOUT.all_chunks()
+    ]

@@ -1,0 +1,43 @@
+rule describe:
+    input:
+        chunk_outputs("exemplars", "parquet"),
+    output:
+        parquet=f"{RESULTS}/descriptions.parquet",
+        csv=f"{RESULTS}/descriptions.csv",
+    log:
+        f"{RESULTS}/logs/describe.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/describe.tsv"
+    params:
+        args=lambda w, input, output: as_json(
+            {
+                "exemplars": list(input),
+                "models": model_ids(),
+                "methods": config["methods"],
+                "parquet": output.parquet,
+                "csv": output.csv,
+            }
+        ),
+    threads: stage_resource("describe", "cpus")
+    resources:
+        mem_mb=scaled("describe", "mem_mb"),
+        runtime=scaled("describe", "runtime"),
+    conda:
+        CPU_ENV
+    shell:
+        "python -m neuroscribe describe {params.args:q} 2> {log}"
+
+
+# No declared output, so `snakemake plan` always prints the summary; it still writes plan.json.
+rule plan:
+    log:
+        f"{RESULTS}/logs/plan.log",
+    params:
+        args=as_json(
+            {"plan": build_plan(LAYOUT, config), "out": f"{RESULTS}/plan.json"}
+        ),
+    localrule: True
+    conda:
+        CPU_ENV
+    shell:
+        "python -m neuroscribe plan {params.args:q} 2> {log}"

@@ -1,0 +1,28 @@
+rule exemplars:
+    input:
+        f"{RESULTS}/activations/{{model}}/{{layer}}.h5",
+    output:
+        f"{RESULTS}/exemplars/{{model}}/{{layer}}/{{chunk}}.parquet",
+    log:
+        f"{RESULTS}/logs/exemplars/{{model}}/{{layer}}/{{chunk}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/exemplars/{{model}}/{{layer}}/{{chunk}}.tsv"
+    params:
+        args=lambda w, input, output: as_json(
+            {
+                "layer_h5": input[0],
+                "model": w.model,
+                "layer": w.layer,
+                "neurons": list(LAYOUT.chunk(w.model, w.layer, w.chunk).neurons),
+                "out": output[0],
+            }
+        ),
+    threads: stage_resource("exemplars", "cpus")
+    resources:
+        mem_mb=scaled("exemplars", "mem_mb"),
+        runtime=scaled("exemplars", "runtime"),
+        gpu=stage_resource("exemplars", "gpus"),
+    conda:
+        GPU_ENV
+    shell:
+        "python -m neuroscribe exemplars {params.args:q} 2> {log}"
