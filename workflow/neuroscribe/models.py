@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib
@@ -324,10 +325,8 @@ class LayerRecorder:
 
     def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._out = {}
-        try:
+        with contextlib.suppress(_AllLayersSeen):
             self.target.call(x)
-        except _AllLayersSeen:
-            pass
         missing = [layer.name for layer in self.layers if layer.name not in self._out]
         if missing:
             raise LayerError(f"layers {missing} did not run in the forward pass")
