@@ -12,8 +12,8 @@ include: "workflow/rules/describe.smk"
 
 
 rule all:
+    default_target: True
     input:
         f"{RESULTS}/descriptions.parquet",
         f"{RESULTS}/descriptions.csv",
-    default_target: True
     localrule: True

@@ -153,6 +153,12 @@ def _description(err: jsonschema.ValidationError) -> str | None:
 
 def format_validation_error(err: jsonschema.ValidationError) -> str:
     """Turn a jsonschema error into one line naming the key, the bad value and what is allowed."""
+    if err.validator in ("anyOf", "oneOf"):
+        # report the failure inside the alternative meant for this kind of value (an object
+        # with a misspelt key, a malformed range string), not "matches none of the alternatives"
+        relevant = [e for e in err.context or [] if e.validator != "type"]
+        if relevant:
+            return format_validation_error(jsonschema.exceptions.best_match(relevant))
     where = _where(err.absolute_path)
     key = f"config key '{where}'" if where else "config"
     validator = err.validator
@@ -180,6 +186,14 @@ def format_validation_error(err: jsonschema.ValidationError) -> str:
     if validator in ("pattern", "anyOf", "oneOf"):
         desc = _description(err)
         return f"{key}: {err.instance!r} is not valid" + (f"; expected {desc}" if desc else "")
+    if validator in ("minItems", "maxItems"):
+        lo, hi = err.schema.get("minItems"), err.schema.get("maxItems")
+        want = (
+            f"exactly {lo}"
+            if lo == hi
+            else (f"at least {lo}" if validator == "minItems" else f"at most {hi}")
+        )
+        return f"{key}: {err.instance!r} has {len(err.instance)} item(s); expected {want}"
     return f"{key}: {err.message}"
 
 
@@ -230,7 +244,7 @@ def _check_semantics(config: dict[str, Any], check_paths: bool) -> None:
         if ds["type"] == "folder" and not path.is_dir():
             raise ConfigError(
                 f"{where}: folder {ds['path']!r} of dataset '{ds['name']}' does not exist; "
-                "set it to your image folder"
+                "set it to your image folder in the config file"
             )
         if ds["type"] == "filelist" and not path.is_file():
             raise ConfigError(

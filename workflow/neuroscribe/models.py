@@ -250,6 +250,15 @@ def neuron_count(shape: list[int] | None) -> int | None:
     return shape[-1] if len(shape) == 2 else shape[0]
 
 
+def closest_first(wanted: str, names: list[str]) -> list[str]:
+    """All `names`, most similar to `wanted` first (ties alphabetical, so messages are stable)."""
+
+    def similarity(name: str) -> float:
+        return difflib.SequenceMatcher(None, wanted, name).ratio()
+
+    return sorted(names, key=lambda name: (-similarity(name), name))
+
+
 def check_layers(target: TargetSpec, modules: dict[str, dict[str, Any]]) -> dict[str, int]:
     """Neuron count per requested layer; a wrong name fails listing the valid ones, closest first."""
     describable = {n: m for n, m in modules.items() if neuron_count(m["shape"]) and m["calls"] == 1}
@@ -257,9 +266,7 @@ def check_layers(target: TargetSpec, modules: dict[str, dict[str, Any]]) -> dict
     for layer in target.layers:
         info = modules.get(layer.name)
         if info is None:
-            ranked = difflib.get_close_matches(
-                layer.name, list(describable), n=len(describable), cutoff=0
-            )
+            ranked = closest_first(layer.name, list(describable))
             shown = ranked[:40]
             more = f" … and {len(ranked) - len(shown)} more" if len(ranked) > len(shown) else ""
             raise LayerError(
@@ -308,6 +315,11 @@ class LayerRecorder:
         self.layers = layers
         self._out: dict[str, torch.Tensor] = {}
         modules = dict(target.module.named_modules())
+        missing = [layer.name for layer in layers if layer.name not in modules]
+        if missing:
+            raise LayerError(
+                f"the model has no layers {missing}; valid: {', '.join(closest_first(missing[0], list(modules)[1:]))}"
+            )
         self._handles = [
             modules[layer.name].register_forward_hook(self._hook(layer)) for layer in layers
         ]

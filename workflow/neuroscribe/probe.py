@@ -116,7 +116,10 @@ def load_rgb(path: str) -> Image.Image:
         img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I") and array.max() > 255 else 255.0
+        # 16-bit modes are always on a 0..65535 scale (a dark 16-bit image must stay dark);
+        # a 32-bit "I" image has no fixed scale, so guess from its values
+        sixteen = img.mode.startswith("I;16") or (img.mode == "I" and array.max() > 255)
+        top = 65535.0 if sixteen else 255.0
         array = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
         img = Image.fromarray(array, mode="L")
     if img.mode == "P" and "transparency" in img.info:

@@ -7,6 +7,13 @@ rule activations:
         f"{RESULTS}/logs/activations/{{model}}/shard-{{shard}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/activations/{{model}}/shard-{{shard}}.tsv"
+    conda:
+        GPU_ENV
+    threads: stage_resource("activations", "cpus")
+    resources:
+        mem_mb=scaled("activations", "mem_mb"),
+        runtime=scaled("activations", "runtime"),
+        gpu=stage_resource("activations", "gpus"),
     params:
         args=lambda w, input, output, threads: as_json(
             {
@@ -22,13 +29,6 @@ rule activations:
                 "dtype": config["dtype"],
             }
         ),
-    threads: stage_resource("activations", "cpus")
-    resources:
-        mem_mb=scaled("activations", "mem_mb"),
-        runtime=scaled("activations", "runtime"),
-        gpu=stage_resource("activations", "gpus"),
-    conda:
-        GPU_ENV
     shell:
         "python -m neuroscribe activations {params.args:q} 2> {log}"
 
@@ -42,6 +42,12 @@ rule merge_activations:
         f"{RESULTS}/logs/merge_activations/{{model}}/{{layer}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/merge_activations/{{model}}/{{layer}}.tsv"
+    conda:
+        CPU_ENV
+    threads: stage_resource("merge", "cpus")
+    resources:
+        mem_mb=scaled("merge", "mem_mb"),
+        runtime=scaled("merge", "runtime"),
     params:
         args=lambda w, input, output: as_json(
             {
@@ -52,11 +58,5 @@ rule merge_activations:
                 "top_k": config["top_k"],
             }
         ),
-    threads: stage_resource("merge", "cpus")
-    resources:
-        mem_mb=scaled("merge", "mem_mb"),
-        runtime=scaled("merge", "runtime"),
-    conda:
-        CPU_ENV
     shell:
         "python -m neuroscribe merge {params.args:q} 2> {log}"

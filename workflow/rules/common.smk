@@ -50,6 +50,16 @@ def model_ids():
     }
 
 
+def demo_args(dataset, out_dir):
+    ds = next(d for d in LAYOUT.datasets if d.name == dataset)
+    return {
+        "n_images": ds.n_images,
+        "image_size": ds.image_size,
+        "seed": ds.seed,
+        "out_dir": out_dir,
+    }
+
+
 def demo_dirs():
     return [str(demo_folder(RESULTS, d)) for d in LAYOUT.datasets if d.type == "demo"]
 

@@ -8,6 +8,12 @@ rule describe:
         f"{RESULTS}/logs/describe.log",
     benchmark:
         f"{RESULTS}/benchmarks/describe.tsv"
+    conda:
+        CPU_ENV
+    threads: stage_resource("describe", "cpus")
+    resources:
+        mem_mb=scaled("describe", "mem_mb"),
+        runtime=scaled("describe", "runtime"),
     params:
         args=lambda w, input, output: as_json(
             {
@@ -18,12 +24,6 @@ rule describe:
                 "csv": output.csv,
             }
         ),
-    threads: stage_resource("describe", "cpus")
-    resources:
-        mem_mb=scaled("describe", "mem_mb"),
-        runtime=scaled("describe", "runtime"),
-    conda:
-        CPU_ENV
     shell:
         "python -m neuroscribe describe {params.args:q} 2> {log}"
 
@@ -32,12 +32,12 @@ rule describe:
 rule plan:
     log:
         f"{RESULTS}/logs/plan.log",
+    localrule: True
+    conda:
+        CPU_ENV
     params:
         args=as_json(
             {"plan": build_plan(LAYOUT, config), "out": f"{RESULTS}/plan.json"}
         ),
-    localrule: True
-    conda:
-        CPU_ENV
     shell:
         "python -m neuroscribe plan {params.args:q} 2> {log}"

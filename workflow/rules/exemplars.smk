@@ -7,6 +7,13 @@ rule exemplars:
         f"{RESULTS}/logs/exemplars/{{model}}/{{layer}}/{{chunk}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/exemplars/{{model}}/{{layer}}/{{chunk}}.tsv"
+    conda:
+        GPU_ENV
+    threads: stage_resource("exemplars", "cpus")
+    resources:
+        mem_mb=scaled("exemplars", "mem_mb"),
+        runtime=scaled("exemplars", "runtime"),
+        gpu=stage_resource("exemplars", "gpus"),
     params:
         args=lambda w, input, output: as_json(
             {
@@ -17,12 +24,5 @@ rule exemplars:
                 "out": output[0],
             }
         ),
-    threads: stage_resource("exemplars", "cpus")
-    resources:
-        mem_mb=scaled("exemplars", "mem_mb"),
-        runtime=scaled("exemplars", "runtime"),
-        gpu=stage_resource("exemplars", "gpus"),
-    conda:
-        GPU_ENV
     shell:
         "python -m neuroscribe exemplars {params.args:q} 2> {log}"

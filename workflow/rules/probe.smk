@@ -5,20 +5,11 @@ rule render_demo_probe:
         f"{RESULTS}/logs/render_demo_probe/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/render_demo_probe/{{dataset}}.tsv"
-    params:
-        args=lambda w, output: as_json(
-            {
-                k: v
-                for k, v in next(
-                    d for d in LAYOUT.datasets if d.name == w.dataset
-                ).__dict__.items()
-                if k in ("n_images", "image_size", "seed")
-            }
-            | {"out_dir": output[0]}
-        ),
     localrule: True
     conda:
         CPU_ENV
+    params:
+        args=lambda w, output: as_json(demo_args(w.dataset, output[0])),
     shell:
         "python -m neuroscribe render-demo {params.args:q} 2> {log}"
 
@@ -33,6 +24,12 @@ rule probe_manifest:
         f"{RESULTS}/logs/probe_manifest.log",
     benchmark:
         f"{RESULTS}/benchmarks/probe_manifest.tsv"
+    conda:
+        CPU_ENV
+    threads: stage_resource("manifest", "cpus")
+    resources:
+        mem_mb=scaled("manifest", "mem_mb"),
+        runtime=scaled("manifest", "runtime"),
     params:
         # the file count makes Snakemake rebuild the manifest when files are added or removed
         args=lambda w, output, threads: as_json(
@@ -45,11 +42,5 @@ rule probe_manifest:
                 "workers": threads,
             }
         ),
-    threads: stage_resource("manifest", "cpus")
-    resources:
-        mem_mb=scaled("manifest", "mem_mb"),
-        runtime=scaled("manifest", "runtime"),
-    conda:
-        CPU_ENV
     shell:
         "python -m neuroscribe manifest {params.args:q} 2> {log}"

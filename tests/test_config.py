@@ -1,0 +1,276 @@
+"""Config validation: defaults, and one exact, actionable message per kind of mistake."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import REPO
+from neuroscribe.config import ConfigError, targets_from_config, validate_config
+from neuroscribe.fanout import build_layout, select_neurons
+from neuroscribe.models import LayerError, check_layers, inspect_target
+
+DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+
+
+def demo(**top: Any) -> dict[str, Any]:
+    cfg = copy.deepcopy(DEMO)
+    cfg.update(top)
+    return cfg
+
+
+def test_demo_config_is_valid_and_defaults_are_filled() -> None:
+    cfg = validate_config(demo())
+    assert cfg["methods"] == ["topk"]
+    assert cfg["dtype"] == "auto"
+    assert cfg["targets"][0]["pooling"] == "avg"
+    assert cfg["targets"][0]["tokens"] == "cls"
+    assert cfg["targets"][0]["weights"] is None
+    # a partly given resources block keeps the defaults of the keys it leaves out
+    assert cfg["resources"]["activations"] == {"cpus": 2, "mem_mb": 2000, "runtime": 10, "gpus": 0}
+    assert cfg["resources"]["merge"]["cpus"] == 1
+
+
+def test_real_config_is_valid_once_the_imagenet_path_is_set(tmp_path: Path) -> None:
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    with pytest.raises(ConfigError) as err:
+        validate_config(copy.deepcopy(cfg))
+    assert str(err.value) == (
+        "config key 'probe.datasets[0].path': folder '/path/to/ILSVRC2012/val' of dataset "
+        "'imagenet-val' does not exist; set it to your image folder in the config file"
+    )
+    cfg["probe"]["datasets"][0]["path"] = str(tmp_path)
+    validated = validate_config(cfg)
+    target = targets_from_config(validated)[0]
+    assert target.spec == "torchvision:resnet50" and target.weights == "IMAGENET1K_V2"
+    assert [layer.name for layer in target.layers] == ["layer1", "layer2", "layer3", "layer4", "fc"]
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(cfg: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = cfg
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        if last.isdigit():
+            node[int(last)] = value
+        else:
+            node[last] = value
+
+    return mutate
+
+
+def _drop(path: str) -> Callable[[dict[str, Any]], None]:
+    def mutate(cfg: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = cfg
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        del node[last]
+
+    return mutate
+
+
+INVALID = [
+    (
+        _set("chunksize", 3),
+        "config: unknown key 'chunksize' (did you mean 'chunk_size'?); allowed keys: batch_size, "
+        "chunk_size, device, dtype, methods, probe, resources, run, shard_size, targets, top_k",
+    ),
+    (
+        _set("targets.0.poolng", "avg"),
+        "config section 'targets[0]': unknown key 'poolng' (did you mean 'pooling'?); allowed keys: "
+        "layers, name, pooling, spec, tokens, transform, weights",
+    ),
+    (
+        _set("targets.0.pooling", "mean"),
+        "config key 'targets[0].pooling': 'mean' is not allowed; allowed values: avg, max",
+    ),
+    (
+        _set("targets.0.layers.2", {"name": "fc", "pooling": "sum"}),
+        "config key 'targets[0].layers[2].pooling': 'sum' is not allowed; allowed values: avg, max",
+    ),
+    (
+        _set("targets.0.layers.2", {"name": "fc", "neuron": "all"}),
+        "config section 'targets[0].layers[2]': unknown key 'neuron' (did you mean 'neurons'?); "
+        "allowed keys: name, neurons, pooling, tokens",
+    ),
+    (
+        _set("targets.0.spec", "keras:resnet"),
+        "config key 'targets[0].spec': 'keras:resnet' is not valid; expected one of "
+        "torchvision:NAME, timm:NAME, hf:HUB_ID_OR_LOCAL_PATH, python:MODULE_OR_FILE.py:FACTORY",
+    ),
+    (_drop("targets.0.spec"), "config section 'targets[0]': missing required key 'spec'"),
+    (_set("chunk_size", 0), "config key 'chunk_size': 0 is less than the minimum of 1"),
+    (_set("chunk_size", "big"), "config key 'chunk_size': expected integer, got 'big'"),
+    (
+        _set("targets.0.layers.2", {"name": "fc", "neurons": "0-x"}),
+        "config key 'targets[0].layers[2].neurons': '0-x' is not valid; expected `all`, ranges such "
+        'as "0-63,100,200-255", or {sample: N, seed: S} for a seeded random sample of N neurons',
+    ),
+    (
+        _set("targets.0.layers.2", {"name": "fc", "neurons": {"samples": 3}}),
+        "config section 'targets[0].layers[2].neurons': unknown key 'samples' (did you mean "
+        "'sample'?); allowed keys: sample, seed",
+    ),
+    (
+        _set("probe.datasets.0.type", "zip"),
+        "config key 'probe.datasets[0].type': 'zip' is not allowed; allowed values: folder, "
+        "filelist, demo",
+    ),
+    (
+        _set("probe.datasets.0.type", "folder"),
+        "config section 'probe.datasets[0]': missing required key 'path'",
+    ),
+    (
+        _set("run", "my run"),
+        "config key 'run': 'my run' is not valid; expected a run name made of letters, digits, "
+        "'_', '.', '-' (results go to results/{run}/)",
+    ),
+    (_set("targets", []), "config key 'targets': [] has 0 item(s); expected at least 1"),
+    (
+        _set("targets.0.transform.mean", [0.5, 0.5]),
+        "config key 'targets[0].transform.mean': [0.5, 0.5] has 2 item(s); expected exactly 3",
+    ),
+    (
+        _set("device", "gpu"),
+        "config key 'device': 'gpu' is not allowed; allowed values: auto, cpu, cuda",
+    ),
+    (
+        _set("targets.0.transform.crop", 128),
+        "config key 'targets[0].transform.crop': 128 is larger than transform.resize (64); the "
+        "centre crop must fit in the resized image",
+    ),
+    (
+        _set("resources.activations.gpu", 1),
+        "config section 'resources.activations': unknown key 'gpu' (did you mean 'gpus'?); allowed "
+        "keys: cpus, gpus, mem_mb, runtime",
+    ),
+    (
+        _set("probe.datasets.0", {"name": "l", "type": "filelist", "path": "x.txt"}),
+        "config key 'probe.datasets[0].path': 'x.txt' is not a .csv or .parquet file list",
+    ),
+    (
+        _set("targets.0.weights", "/nope.pt"),
+        "config key 'targets[0].weights': file '/nope.pt' does not exist",
+    ),
+    (
+        _set("targets.0.layers", "conv2"),
+        "config key 'targets[0].layers': expected array, got 'conv2'",
+    ),
+    (
+        lambda cfg: cfg["targets"].append(copy.deepcopy(cfg["targets"][0])),
+        "target name 'tinycnn' appears twice; give each a distinct name",
+    ),
+]
+
+
+@pytest.mark.parametrize(("mutate", "message"), INVALID)
+def test_invalid_config_names_key_and_fix(
+    mutate: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    cfg = demo()
+    mutate(cfg)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert str(err.value) == message
+
+
+def test_hf_target_rejects_a_weights_file() -> None:
+    cfg = demo()
+    cfg["targets"][0].update(spec="hf:org/model", weights="w.pt")
+    with pytest.raises(
+        ConfigError, match=r"hf targets take their weights from the hub id or folder"
+    ):
+        validate_config(cfg)
+
+
+def test_layer_overrides_and_defaults_resolve() -> None:
+    cfg = demo()
+    cfg["targets"][0]["pooling"] = "max"
+    cfg["targets"][0]["layers"] = ["conv2", {"name": "conv3", "pooling": "avg", "neurons": "0-3"}]
+    target = targets_from_config(validate_config(cfg))[0]
+    conv2, conv3 = target.layers
+    assert (conv2.pooling, conv2.neurons) == ("max", "all")
+    assert (conv3.pooling, conv3.neurons) == ("avg", "0-3")
+
+
+def test_neuron_selection() -> None:
+    assert select_neurons("all", 4, "x") == [0, 1, 2, 3]
+    assert select_neurons("5, 0-2,2-3", 8, "x") == [0, 1, 2, 3, 5]
+    sample = select_neurons({"sample": 5, "seed": 3}, 100, "x")
+    assert sample == select_neurons({"sample": 5, "seed": 3}, 100, "x")
+    assert sample != select_neurons({"sample": 5, "seed": 4}, 100, "x")
+    assert len(set(sample)) == 5 and sample == sorted(sample)
+    with pytest.raises(
+        ConfigError, match=r"neuron 64 is out of range; the layer has 64 neurons \(0-63\)"
+    ):
+        select_neurons("0-64", 64, "where")
+    with pytest.raises(ConfigError, match=r"range '9-3' is reversed"):
+        select_neurons("9-3", 64, "where")
+    with pytest.raises(ConfigError, match=r"sample of 65 neurons asked, but the layer has 64"):
+        select_neurons({"sample": 65}, 64, "where")
+
+
+def test_wrong_layer_lists_valid_names_closest_first(tmp_path: Path) -> None:
+    cfg = demo()
+    cfg["targets"][0]["layers"] = ["conv2", "conv4"]
+    target = targets_from_config(validate_config(cfg))[0]
+    with pytest.raises(LayerError) as err:
+        check_layers(target, inspect_target(target, tmp_path))
+    message = str(err.value)
+    assert message.startswith(
+        "target 'tinycnn' (python:neuroscribe.demo:tiny_cnn) has no layer 'conv4'. "
+        "Valid layer names, closest first: conv1, conv2, conv3"
+    )
+    assert "fc" in message and "conv1.0" in message
+
+
+def test_torchvision_layer_check_runs_on_meta_device_and_rejects_shared_modules(
+    tmp_path: Path,
+) -> None:
+    cfg = demo()
+    cfg["targets"][0].update(spec="torchvision:resnet50", weights="IMAGENET1K_V2")
+    cfg["targets"][0]["transform"] = {"resize": 256, "crop": 224}
+    cfg["targets"][0]["layers"] = ["layer4", "fc", "layer1.0.relu"]
+    target = targets_from_config(validate_config(cfg))[0]
+    modules = inspect_target(target, tmp_path)
+    assert modules["layer4"]["shape"] == [2048, 7, 7]
+    assert modules["fc"]["shape"] == [1000]
+    with pytest.raises(LayerError, match=r"layer 'layer1.0.relu' runs 3 times per forward pass"):
+        check_layers(target, modules)
+    # cached: a second inspection reads the file instead of building the model
+    assert (tmp_path / "tinycnn.json").exists()
+    assert inspect_target(target, tmp_path) == modules
+
+
+def test_unknown_torchvision_weights_list_the_valid_ones(tmp_path: Path) -> None:
+    cfg = demo()
+    cfg["targets"][0].update(spec="torchvision:resnet50", weights="IMAGENET")
+    cfg["targets"][0]["transform"] = {"resize": 256, "crop": 224}
+    target = targets_from_config(validate_config(cfg))[0]
+    with pytest.raises(
+        ConfigError, match=r"no weights 'IMAGENET'; valid: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"
+    ):
+        inspect_target(target, tmp_path)
+
+
+def test_build_layout_chunks_the_selected_neurons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = demo(chunk_size=10, shard_size=100)
+    cfg["targets"][0]["layers"] = [{"name": "conv2", "neurons": "0-4,20-31"}, "fc"]
+    layout = build_layout(cfg)
+    assert layout.layer_sizes == {"tinycnn": {"conv2": 32, "fc": 6}}
+    chunks = layout.chunks[("tinycnn", "conv2")]
+    assert [c.name for c in chunks] == ["0000", "0001"]
+    assert chunks[0].neurons == (0, 1, 2, 3, 4, 20, 21, 22, 23, 24)
+    assert chunks[1].neurons == (25, 26, 27, 28, 29, 30, 31)
+    assert layout.n_candidates == 600 and layout.n_shards == 6
+    assert (tmp_path / "results" / "demo" / "inspect" / "tinycnn.json").exists()
