@@ -11,9 +11,11 @@ include: "workflow/rules/exemplars.smk"
 include: "workflow/rules/describe.smk"
 
 
+# The per-chunk outputs are listed too, so a deleted chunk is recomputed on the next run
+# (Snakemake does not regenerate a missing intermediate file of an up-to-date target).
 rule all:
-    default_target: True
     input:
         f"{RESULTS}/descriptions.parquet",
         f"{RESULTS}/descriptions.csv",
+        chunk_outputs("exemplars", "parquet"),
     localrule: True

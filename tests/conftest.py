@@ -36,14 +36,18 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", _loopback_only)
 
 
-@pytest.fixture
-def job_env() -> dict[str, str]:
+def workflow_env() -> dict[str, str]:
     """Environment for workflow subprocesses: this interpreter's `python` first on PATH."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
     return env
+
+
+@pytest.fixture
+def job_env() -> dict[str, str]:
+    return workflow_env()
 
 
 def run_snakemake(

@@ -13,9 +13,10 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import REPO
-from neuroscribe.activations import extract_shard, merge_layer
+from neuroscribe.activations import extract_shard
 from neuroscribe.config import DatasetSpec, LayerSpec, TargetSpec, Transform
 from neuroscribe.demo import render_probe
+from neuroscribe.merge import merge_layer
 from neuroscribe.models import build_target
 from neuroscribe.probe import build_manifest
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -16,19 +15,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from neuroscribe import __version__
 from neuroscribe.config import LayerSpec, TargetSpec, Transform
 from neuroscribe.io import atomic_path
+from neuroscribe.merge import ID_DTYPE, layer_attrs
 from neuroscribe.models import LayerRecorder, build_target
 from neuroscribe.probe import load_rgb, shard_rows
 
 log = logging.getLogger(__name__)
-
-# A column block of this many neurons is merged at a time, so merge memory is images × block.
-MERGE_BLOCK = 256
-# Rows per HDF5 chunk of the merged matrix; chunks are one neuron wide for per-neuron reads.
-ROWS_PER_CHUNK = 1 << 16
-ID_DTYPE = "S16"
 
 
 def image_transform(tf: Transform) -> transforms.Compose:
@@ -89,26 +82,6 @@ def _progress(total: int, desc: str) -> tqdm:
     return tqdm(
         total=total, desc=desc, unit="img", file=sys.stderr, mininterval=0.1 if interactive else 5
     )
-
-
-def _attrs(target: TargetSpec, layer: LayerSpec) -> dict[str, str]:
-    return {
-        "model": target.name,
-        "spec": target.spec,
-        "weights": target.weights or "",
-        "layer": layer.name,
-        "pooling": layer.pooling,
-        "tokens": layer.tokens,
-        "transform": json.dumps(
-            {
-                "resize": target.transform.resize,
-                "crop": target.transform.crop,
-                "mean": list(target.transform.mean),
-                "std": list(target.transform.std),
-            }
-        ),
-        "neuroscribe_version": __version__,
-    }
 
 
 def extract_shard(
@@ -173,69 +146,6 @@ def extract_shard(
                     "layer %s: %d activations exceed the float16 range", layer.name, overflow
                 )
             ds = group.create_dataset(layer.name, data=data)
-            ds.attrs.update(_attrs(target, layer))
+            ds.attrs.update(layer_attrs(target, layer))
         h5.attrs.update({"shard": shard, "n_shards": n_shards})
     log.info("wrote %s", out)
-
-
-def _topk(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k rows per column of [images, neurons], ties broken by the lower row (deterministic)."""
-    values = block.astype(np.float32)
-    values[np.isnan(values)] = -np.inf
-    order = np.argsort(-values, axis=0, kind="stable")[:k]
-    return order.T, np.take_along_axis(values, order, axis=0).T
-
-
-def merge_layer(
-    shards: list[str | Path], target: TargetSpec, layer: LayerSpec, out: str | Path, top_k: int
-) -> None:
-    """Concatenate one layer's shard matrices into [images, neurons] and find each neuron's top-K."""
-    handles = [h5py.File(p, "r", locking=False) for p in shards]
-    try:
-        widths = {h["layers"][layer.name].shape[1] for h in handles if len(h["rows"])}
-        if len(widths) != 1:
-            raise ValueError(
-                f"layer {layer.name}: shards disagree on the neuron count {sorted(widths)}"
-            )
-        (n_neurons,) = widths
-        rows = np.concatenate([h["rows"][:] for h in handles])
-        ids = np.concatenate([h["image_ids"][:] for h in handles])
-        n_images = len(rows)
-        k = min(top_k, n_images)
-        with atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
-            matrix = h5.create_dataset(
-                "activations",
-                shape=(n_images, n_neurons),
-                dtype=np.float16,
-                chunks=(min(n_images, ROWS_PER_CHUNK), 1),
-            )
-            top_rows = np.empty((n_neurons, k), dtype=np.int64)
-            top_values = np.empty((n_neurons, k), dtype=np.float32)
-            for start in range(0, n_neurons, MERGE_BLOCK):
-                stop = min(start + MERGE_BLOCK, n_neurons)
-                block = np.concatenate(
-                    [h["layers"][layer.name][:, start:stop] for h in handles if len(h["rows"])]
-                )
-                matrix[:, start:stop] = block
-                order, values = _topk(block, k)
-                top_rows[start:stop] = rows[order]
-                top_values[start:stop] = values
-            position = np.empty(rows.max() + 1, dtype=np.int64)
-            position[rows] = np.arange(n_images)
-            h5.create_dataset("rows", data=rows)
-            h5.create_dataset("image_ids", data=ids)
-            h5.create_dataset("topk_rows", data=top_rows)
-            h5.create_dataset("topk_ids", data=ids[position[top_rows]])
-            h5.create_dataset("topk_values", data=top_values)
-            h5.attrs.update(_attrs(target, layer))
-            h5.attrs.update({"n_images": n_images, "n_neurons": n_neurons, "top_k": k})
-    finally:
-        for h in handles:
-            h.close()
-    log.info(
-        "merged %d shards of %s: %d images × %d neurons",
-        len(shards),
-        layer.name,
-        n_images,
-        n_neurons,
-    )

@@ -12,22 +12,29 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from neuroscribe import activations, demo, describe, exemplars, probe
 from neuroscribe.config import DatasetSpec, LayerSpec, TargetSpec
 from neuroscribe.io import write_json
-from neuroscribe.plan import format_plan
+
+# Stage modules are imported inside each stage: a light job (manifest, merge, table) then never
+# pays for importing torch, which is most of a small job's start-up time.
 
 
 def _render_demo(a: dict[str, Any]) -> None:
+    from neuroscribe import demo
+
     demo.render_probe(a["out_dir"], a["n_images"], a["image_size"], a["seed"])
 
 
 def _manifest(a: dict[str, Any]) -> None:
+    from neuroscribe import probe
+
     datasets = [DatasetSpec.from_dict(d) for d in a["datasets"]]
     probe.build_manifest(datasets, a["results"], a["manifest"], a["rejected"], a.get("workers", 1))
 
 
 def _activations(a: dict[str, Any]) -> None:
+    from neuroscribe import activations
+
     activations.extract_shard(
         manifest=a["manifest"],
         target=TargetSpec.from_dict(a["target"]),
@@ -43,19 +50,27 @@ def _activations(a: dict[str, Any]) -> None:
 
 
 def _merge(a: dict[str, Any]) -> None:
+    from neuroscribe import merge
+
     target = TargetSpec.from_dict(a["target"])
-    activations.merge_layer(a["shards"], target, target.layer(a["layer"]), a["out"], a["top_k"])
+    merge.merge_layer(a["shards"], target, target.layer(a["layer"]), a["out"], a["top_k"])
 
 
 def _exemplars(a: dict[str, Any]) -> None:
+    from neuroscribe import exemplars
+
     exemplars.chunk_exemplars(a["layer_h5"], a["model"], a["layer"], a["neurons"], a["out"])
 
 
 def _describe(a: dict[str, Any]) -> None:
+    from neuroscribe import describe
+
     describe.write_descriptions(a["exemplars"], a["models"], a["methods"], a["parquet"], a["csv"])
 
 
 def _plan(a: dict[str, Any]) -> None:
+    from neuroscribe.plan import format_plan
+
     write_json(a["plan"], a["out"])
     print(format_plan(a["plan"]))
     print(f"plan written to {a['out']}")

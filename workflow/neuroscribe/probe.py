@@ -112,8 +112,8 @@ def load_rgb(path: str) -> Image.Image:
     """Open any image as 8-bit RGB: palette, grayscale, CMYK, alpha and 16-bit images included."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(path)
-        img.load()
+        with Image.open(path) as img:  # closes the file even when decoding fails
+            img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(img, dtype=np.float64)
         # 16-bit modes are always on a 0..65535 scale (a dark 16-bit image must stay dark);

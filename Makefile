@@ -1,0 +1,40 @@
+# `make demo` sets everything up and runs the built-in demo; `make test` runs the checks and tests.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+# Rules call `python -m neuroscribe ...`: the environment's python must come first on PATH.
+export PATH := $(BIN):$(PATH)
+export HDF5_USE_FILE_LOCKING := FALSE
+
+.PHONY: install demo test lint pytest plan clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	snakemake --profile profiles/local --configfile config/demo.yaml
+	@echo
+	@echo "Done. The description table: results/demo/descriptions.parquet (and .csv);"
+	@echo "the probe manifest: results/demo/probe/manifest.parquet; logs: results/demo/logs/."
+
+plan: install
+	snakemake --profile profiles/local --configfile config/demo.yaml plan
+
+lint: install
+	ruff check .
+	ruff format --check .
+	snakefmt --check .
+	snakemake --lint --configfile config/demo.yaml
+
+pytest: install
+	pytest
+
+test: lint pytest
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,153 @@
+"""The real Snakefile through the snakemake CLI on a reduced demo, in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, run_snakemake, workflow_env
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path: Path, **changes: object) -> Path:
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    cfg["probe"]["datasets"][0]["n_images"] = 60
+    cfg["shard_size"] = 25
+    cfg["chunk_size"] = 16
+    cfg["top_k"] = 5
+    cfg["targets"][0]["layers"] = ["conv2", {"name": "fc", "neurons": "all"}]
+    cfg.update(changes)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table Snakemake prints: rule → count."""
+    table = output[output.index("Job stats:") :]
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)
+        if m.group(1) != "total"
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    workdir = tmp_path_factory.mktemp("run")
+    config = _config(workdir)
+    env = workflow_env()
+    dry = run_snakemake(workdir, config, "-n", env=env)
+    assert _job_counts(dry.stdout + dry.stderr) == {
+        "render_demo_probe": 1,
+        "probe_manifest": 1,
+        "activations": 3,  # 60 images / 25 per shard
+        "merge_activations": 2,  # conv2, fc
+        "exemplars": 3,  # conv2: 32 neurons in chunks of 16; fc: 6 neurons
+        "describe": 1,
+        "all": 1,
+    }
+    assert not (workdir / "results" / "demo" / "probe").exists(), "a dry run wrote outputs"
+    run_snakemake(workdir, config, env=env)
+    return workdir, config
+
+
+def test_full_run_writes_the_table(finished: tuple[Path, Path]) -> None:
+    workdir, _ = finished
+    results = workdir / "results" / "demo"
+    table = pd.read_parquet(results / "descriptions.parquet")
+    manifest = pd.read_parquet(results / "probe" / "manifest.parquet")
+    assert len(manifest) == 60
+    assert len(table) == 32 + 6
+    assert set(table["method"]) == {"topk"}
+    assert sorted(table.loc[table.layer == "fc", "neuron"]) == list(range(6))
+    for _, row in table.iterrows():
+        assert len(row["exemplar_ids"]) == 5
+        assert set(row["exemplar_ids"]) <= set(manifest["image_id"])
+        assert list(row["exemplar_activations"]) == sorted(
+            row["exemplar_activations"], reverse=True
+        )
+        assert json.loads(row["models"]) == {"target": "python:neuroscribe.demo:tiny_cnn"}
+    csv = pd.read_csv(results / "descriptions.csv")
+    assert len(csv) == len(table) and json.loads(csv["exemplar_ids"][0]) == list(
+        table["exemplar_ids"][0]
+    )
+    with h5py.File(results / "activations" / "tinycnn" / "conv2.h5") as h5:
+        assert h5["activations"].shape == (60, 32) and h5["activations"].dtype == "float16"
+        assert (
+            h5.attrs["spec"] == "python:neuroscribe.demo:tiny_cnn" and h5.attrs["pooling"] == "avg"
+        )
+    log = (results / "logs" / "activations" / "tinycnn" / "shard-0000.log").read_text()
+    assert "100%" in log and "img" in log  # the tqdm bar
+    assert not list(results.rglob(".*.tmp-*")), "temporary files left behind"
+
+
+def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
+    finished: tuple[Path, Path], job_env: dict[str, str]
+) -> None:
+    workdir, config = finished
+    again = run_snakemake(workdir, config, env=job_env)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+    results = workdir / "results" / "demo"
+    before = pd.read_parquet(results / "descriptions.parquet")
+    chunk = results / "exemplars" / "tinycnn" / "conv2" / "0001.parquet"
+    other = results / "exemplars" / "tinycnn" / "conv2" / "0000.parquet"
+    shard = results / "activations" / "tinycnn" / "shard-0000.h5"
+    stamps = (other.stat().st_mtime_ns, shard.stat().st_mtime_ns)
+    chunk.unlink()
+    dry = run_snakemake(workdir, config, "-n", env=job_env)
+    assert _job_counts(dry.stdout + dry.stderr) == {"exemplars": 1, "describe": 1, "all": 1}
+    run_snakemake(workdir, config, env=job_env)
+    assert chunk.exists()
+    assert (other.stat().st_mtime_ns, shard.stat().st_mtime_ns) == stamps
+    pd.testing.assert_frame_equal(pd.read_parquet(results / "descriptions.parquet"), before)
+
+
+def test_plan_prints_a_summary_and_writes_plan_json(
+    finished: tuple[Path, Path], job_env: dict[str, str]
+) -> None:
+    workdir, config = finished
+    proc = run_snakemake(workdir, config, "plan", env=job_env)
+    assert "neuroscribe plan for run 'demo'" in proc.stdout
+    assert re.search(r"conv2\s+32 of\s+32\s+in 2 chunk\(s\) of ≤16", proc.stdout)
+    assert re.search(r"activations\s+3", proc.stdout)
+    plan = json.loads((workdir / "results" / "demo" / "plan.json").read_text())
+    assert plan["neurons"] == 38 and plan["probe"]["files"] == 60 and plan["probe"]["shards"] == 3
+    assert plan["jobs"] == {
+        "render_demo_probe": 1,
+        "probe_manifest": 1,
+        "activations": 3,
+        "merge_activations": 2,
+        "exemplars": 3,
+        "describe": 1,
+    }
+
+
+def test_wrong_layer_fails_the_dry_run_listing_valid_names(
+    tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    config = _config(tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["targets"][0]["layers"] = ["conv2", "conv_3"]
+    config.write_text(yaml.safe_dump(cfg))
+    proc = run_snakemake(tmp_path, config, "-n", env=job_env, check=False)
+    assert proc.returncode != 0
+    assert (
+        "target 'tinycnn' (python:neuroscribe.demo:tiny_cnn) has no layer 'conv_3'. "
+        "Valid layer names, closest first: conv3, conv3.0, conv3.1, conv3.2, conv1, conv2"
+    ) in proc.stdout + proc.stderr
+    assert not (tmp_path / "results" / "demo" / "probe").exists()
+
+
+def test_bad_config_value_fails_the_dry_run(tmp_path: Path, job_env: dict[str, str]) -> None:
+    proc = run_snakemake(tmp_path, _config(tmp_path, top_k=0), "-n", env=job_env, check=False)
+    assert proc.returncode != 0
+    assert "config key 'top_k': 0 is less than the minimum of 1" in proc.stdout + proc.stderr
