@@ -6,6 +6,16 @@ from typing import Any
 
 from neuroscribe.fanout import Layout
 
+# pipeline order, for printing (the plan travels as sorted JSON)
+STAGES = (
+    "render_demo_probe",
+    "probe_manifest",
+    "activations",
+    "merge_activations",
+    "exemplars",
+    "describe",
+)
+
 
 def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
     layers = {}
@@ -69,7 +79,10 @@ def format_plan(plan: dict[str, Any]) -> str:
             )
     lines.append(f"  total: {plan['neurons']} neurons")
     lines.append("  jobs per stage:")
-    for stage, count in plan["jobs"].items():
+    for stage in sorted(
+        plan["jobs"], key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES)
+    ):
+        count = plan["jobs"][stage]
         lines.append(f"    {stage:<20} {count:>7}")
     lines.append(f"    {'total':<20} {plan['total_jobs']:>7}")
     lines.append(f"  target forward passes: {plan['estimates']['target_forward_images']} images")
