@@ -274,3 +274,15 @@ def test_build_layout_chunks_the_selected_neurons(
     assert chunks[1].neurons == (25, 26, 27, 28, 29, 30, 31)
     assert layout.n_candidates == 600 and layout.n_shards == 6
     assert (tmp_path / "results" / "demo" / "inspect" / "tinycnn.json").exists()
+
+
+def test_timm_target_layers_are_checked(tmp_path: Path) -> None:
+    cfg = demo()
+    cfg["targets"][0].update(spec="timm:resnet18")
+    cfg["targets"][0]["transform"] = {"resize": 64, "crop": 64}
+    cfg["targets"][0]["layers"] = ["layer3", "fc"]
+    target = targets_from_config(validate_config(cfg))[0]
+    assert check_layers(target, inspect_target(target, tmp_path)) == {"layer3": 256, "fc": 1000}
+    cfg["targets"][0]["spec"] = "timm:resnet_18"
+    with pytest.raises(ConfigError, match=r"timm has no model 'resnet_18'; closest: .*resnet18"):
+        inspect_target(targets_from_config(validate_config(cfg))[0], tmp_path)
