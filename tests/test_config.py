@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO
 from neuroscribe.config import ConfigError, targets_from_config, validate_config
 from neuroscribe.fanout import build_layout, select_neurons
-from neuroscribe.models import LayerError, check_layers, inspect_target
+from neuroscribe.inspection import LayerError, check_layers, inspect_target
 
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
 

@@ -18,7 +18,7 @@ from neuroscribe.config import (
     targets_from_config,
     validate_config,
 )
-from neuroscribe.models import check_layers, inspect_target
+from neuroscribe.inspection import check_layers, inspect_target
 from neuroscribe.probe import count_candidates
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
