@@ -151,7 +151,7 @@ def extract_shard(
                 if name not in buffers:
                     buffers[name] = np.empty((len(rows), values.shape[1]), dtype=np.float16)
                     overflow[name] = 0
-                batch = values.float().cpu().numpy().astype(np.float16)
+                batch = values.to(torch.float16).cpu().numpy()
                 overflow[name] += int(np.isinf(batch).sum())
                 buffers[name][done : done + n] = batch
             done += n

@@ -19,8 +19,8 @@ GPU_ENV = "../../envs/gpu.yaml"
 wildcard_constraints:
     model=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     layer=r"(?!shard-)[^/]+",
-    chunk=r"\d{4}",
-    shard=r"\d{4}",
+    chunk=r"\d{4,}",
+    shard=r"\d{4,}",
     dataset=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
 
 
