@@ -5,6 +5,7 @@
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
 include: "workflow/rules/probe.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/exemplars.smk"

@@ -86,19 +86,19 @@ TARGET_RATIO = 1.2
 
 
 def _render_chunk(task: tuple[str, int, int, int, int, str, int]) -> tuple[int, int]:
-    """Render `n` demo shapes with `render_probe`, then (unless they are already what was asked
+    """Render `n` demo-world scenes with `render_world`, then (unless they are already what was asked
     for) resize them, add texture and save them as JPEG/PNG. Returns (files, bytes)."""
     import numpy as np
     from PIL import Image
 
-    from neuroscribe.demo import render_probe
+    from neuroscribe.world import images_folder, render_world
 
     folder, n, width, height, seed, fmt, quality = task
     out = Path(folder)
     direct = fmt == "png" and width == height and width <= 256
-    render_probe(out, n, width if direct else 256, seed)
+    render_world(out, n, width if direct else 256, seed)
     total = 0
-    files = sorted(out.rglob("*.png"))
+    files = sorted(images_folder(out).rglob("*.png"))
     if direct:
         return len(files), sum(f.stat().st_size for f in files)
     rng = np.random.default_rng(seed + 1_000_003)

@@ -15,10 +15,10 @@ from torchvision import transforms
 from conftest import REPO
 from neuroscribe.activations import extract_shard
 from neuroscribe.config import DatasetSpec, LayerSpec, TargetSpec, Transform
-from neuroscribe.demo import render_probe
 from neuroscribe.merge import merge_layer
 from neuroscribe.models import build_target
 from neuroscribe.probe import build_manifest
+from neuroscribe.world import images_folder, render_world
 
 FACTORIES = REPO / "tests" / "factories.py"
 
@@ -27,14 +27,15 @@ FACTORIES = REPO / "tests" / "factories.py"
 def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """30 demo images, with odd sizes mixed in, and their manifest."""
     root = tmp_path_factory.mktemp("probe")
-    render_probe(root / "images", n_images=27, size=48, seed=5)
+    render_world(root / "world", n_images=27, size=48, seed=5)
+    images = images_folder(root / "world")
     rng = np.random.default_rng(0)
     for i, (w, h) in enumerate([(80, 40), (33, 57), (64, 64)]):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-            root / "images" / f"odd{i}.png"
+            images / f"odd{i}.png"
         )
     build_manifest(
-        [DatasetSpec(name="p", type="folder", path=str(root / "images"))],
+        [DatasetSpec(name="p", type="folder", path=str(images))],
         root,
         root / "manifest.parquet",
         root / "rejected.parquet",
@@ -131,7 +132,7 @@ VIT_LAYERS = (
 @pytest.mark.parametrize(
     ("target", "widths"),
     [
-        (_target("python:neuroscribe.demo:tiny_cnn", 48, 40, *CNN_LAYERS), [16, 64, 6]),
+        (_target("python:neuroscribe.demo:tiny_cnn", 48, 40, *CNN_LAYERS), [16, 64, 7]),
         (_target(f"python:{FACTORIES}:small_vit", 36, 32, *VIT_LAYERS), [32, 32, 5]),
     ],
     ids=["cnn", "vit"],
@@ -212,7 +213,7 @@ def test_topk_larger_than_the_probe_keeps_every_image(probe: Path, tmp_path: Pat
     shards = _extract(target, [CNN_LAYERS[2]], probe, tmp_path, n_shards=4)
     merge_layer(shards, target, CNN_LAYERS[2], tmp_path / "fc.h5", top_k=100)
     with h5py.File(tmp_path / "fc.h5") as h5:
-        assert h5["topk_rows"].shape == (6, 30)
+        assert h5["topk_rows"].shape == (7, 30)
         assert sorted(h5["topk_rows"][0]) == list(range(30))
 
 
@@ -223,4 +224,4 @@ def test_more_shards_than_images_leaves_empty_shards_that_merge_cleanly(
     shards = _extract(target, [CNN_LAYERS[2]], probe, tmp_path, n_shards=31)
     merge_layer(shards, target, CNN_LAYERS[2], tmp_path / "fc.h5", top_k=3)
     with h5py.File(tmp_path / "fc.h5") as h5:
-        assert h5["activations"].shape == (30, 6)
+        assert h5["activations"].shape == (30, 7)

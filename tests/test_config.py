@@ -85,7 +85,7 @@ INVALID = [
     (
         _set("targets.0.poolng", "avg"),
         "config section 'targets[0]': unknown key 'poolng' (did you mean 'pooling'?); allowed keys: "
-        "layers, name, pooling, spec, tokens, transform, weights",
+        "layers, name, pooling, spec, tokens, train, transform, weights",
     ),
     (
         _set("targets.0.pooling", "mean"),
@@ -156,8 +156,13 @@ INVALID = [
         "config key 'probe.datasets[0].path': 'x.txt' is not a .csv or .parquet file list",
     ),
     (
-        _set("targets.0.weights", "/nope.pt"),
+        lambda cfg: cfg["targets"][0].pop("train") and cfg["targets"][0].update(weights="/nope.pt"),
         "config key 'targets[0].weights': file '/nope.pt' does not exist",
+    ),
+    (
+        _set("targets.0.weights", "w.pt"),
+        "config key 'targets[0].train': only a python: target without weights can be trained by "
+        "the workflow (the trained weights become its weights)",
     ),
     (
         _set("targets.0.layers", "conv2"),
@@ -165,7 +170,7 @@ INVALID = [
     ),
     (
         lambda cfg: cfg["targets"].append(copy.deepcopy(cfg["targets"][0])),
-        "target name 'tinycnn' appears twice; give each a distinct name",
+        "target name 'shapenet' appears twice; give each a distinct name",
     ),
 ]
 
@@ -183,6 +188,7 @@ def test_invalid_config_names_key_and_fix(
 
 def test_hf_target_rejects_a_weights_file() -> None:
     cfg = demo()
+    cfg["targets"][0].pop("train")
     cfg["targets"][0].update(spec="hf:org/model", weights="w.pt")
     with pytest.raises(
         ConfigError, match=r"hf targets take their weights from the hub id or folder"
@@ -225,7 +231,7 @@ def test_wrong_layer_lists_valid_names_closest_first(tmp_path: Path) -> None:
         check_layers(target, inspect_target(target, tmp_path))
     message = str(err.value)
     assert message.startswith(
-        "target 'tinycnn' (python:neuroscribe.demo:tiny_cnn) has no layer 'conv4'. "
+        "target 'shapenet' (python:neuroscribe.demo:tiny_cnn) has no layer 'conv4'. "
         "Valid layer names, closest first: conv1, conv2, conv3"
     )
     assert "fc" in message and "conv1.0" in message
@@ -235,6 +241,7 @@ def test_torchvision_layer_check_runs_on_meta_device_and_rejects_shared_modules(
     tmp_path: Path,
 ) -> None:
     cfg = demo()
+    cfg["targets"][0].pop("train")
     cfg["targets"][0].update(spec="torchvision:resnet50", weights="IMAGENET1K_V2")
     cfg["targets"][0]["transform"] = {"resize": 256, "crop": 224}
     cfg["targets"][0]["layers"] = ["layer4", "fc", "layer1.0.relu"]
@@ -245,12 +252,13 @@ def test_torchvision_layer_check_runs_on_meta_device_and_rejects_shared_modules(
     with pytest.raises(LayerError, match=r"layer 'layer1.0.relu' runs 3 times per forward pass"):
         check_layers(target, modules)
     # cached: a second inspection reads the file instead of building the model
-    assert (tmp_path / "tinycnn.json").exists()
+    assert (tmp_path / "shapenet.json").exists()
     assert inspect_target(target, tmp_path) == modules
 
 
 def test_unknown_torchvision_weights_list_the_valid_ones(tmp_path: Path) -> None:
     cfg = demo()
+    cfg["targets"][0].pop("train")
     cfg["targets"][0].update(spec="torchvision:resnet50", weights="IMAGENET")
     cfg["targets"][0]["transform"] = {"resize": 256, "crop": 224}
     target = targets_from_config(validate_config(cfg))[0]
@@ -267,17 +275,20 @@ def test_build_layout_chunks_the_selected_neurons(
     cfg = demo(chunk_size=10, shard_size=100)
     cfg["targets"][0]["layers"] = [{"name": "conv2", "neurons": "0-4,20-31"}, "fc"]
     layout = build_layout(cfg)
-    assert layout.layer_sizes == {"tinycnn": {"conv2": 32, "fc": 6}}
-    chunks = layout.chunks[("tinycnn", "conv2")]
+    assert layout.layer_sizes == {"shapenet": {"conv2": 32, "fc": 7}}
+    chunks = layout.chunks[("shapenet", "conv2")]
     assert [c.name for c in chunks] == ["0000", "0001"]
     assert chunks[0].neurons == (0, 1, 2, 3, 4, 20, 21, 22, 23, 24)
     assert chunks[1].neurons == (25, 26, 27, 28, 29, 30, 31)
-    assert layout.n_candidates == 600 and layout.n_shards == 6
-    assert (tmp_path / "results" / "demo" / "inspect" / "tinycnn.json").exists()
+    assert layout.n_candidates == 1000 and layout.n_shards == 10
+    # a target the workflow trains gets the trained weights as its weights
+    assert layout.targets["shapenet"].weights == "results/demo/models/shapenet.pt"
+    assert (tmp_path / "results" / "demo" / "inspect" / "shapenet.json").exists()
 
 
 def test_timm_target_layers_are_checked(tmp_path: Path) -> None:
     cfg = demo()
+    cfg["targets"][0].pop("train")
     cfg["targets"][0].update(spec="timm:resnet18")
     cfg["targets"][0]["transform"] = {"resize": 64, "crop": 64}
     cfg["targets"][0]["layers"] = ["layer3", "fc"]

@@ -227,9 +227,11 @@ def test_demo_dataset_reads_the_rendered_folder_with_subfolder_labels(tmp_path: 
     ds = DatasetSpec(name="shapes", type="demo", n_images=3)
     where = demo_folder(tmp_path / "results", ds)
     assert where == tmp_path / "results" / "probe" / "demo" / "shapes"
-    save_rgb(where / "circle" / "0.png", seed=1)
-    save_rgb(where / "square" / "1.png", seed=2)
-    save_rgb(where / "square" / "2.png", seed=3)
+    save_rgb(where / "images" / "circle" / "0.png", seed=1)
+    save_rgb(where / "images" / "square" / "1.png", seed=2)
+    save_rgb(where / "images" / "square" / "2.png", seed=3)
+    # the annotations beside the images are not probe files
+    (where / "annotations.parquet").write_bytes(b"PAR1")
 
     (accepted, _), manifest, _ = run_probe(tmp_path, [ds])
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_snakemake, workflow_env
+from neuroscribe.world import SHAPES
 
 pytestmark = pytest.mark.slow
 
@@ -47,10 +48,11 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     dry = run_snakemake(workdir, config, "-n", env=env)
     assert _job_counts(dry.stdout + dry.stderr) == {
         "render_demo_probe": 1,
+        "train_demo_target": 1,
         "probe_manifest": 1,
         "activations": 3,  # 60 images / 25 per shard
         "merge_activations": 2,  # conv2, fc
-        "exemplars": 3,  # conv2: 32 neurons in chunks of 16; fc: 6 neurons
+        "exemplars": 3,  # conv2: 32 neurons in chunks of 16; fc: 7 neurons
         "describe": 1,
         "all": 1,
     }
@@ -65,28 +67,47 @@ def test_full_run_writes_the_table(finished: tuple[Path, Path]) -> None:
     table = pd.read_parquet(results / "descriptions.parquet")
     manifest = pd.read_parquet(results / "probe" / "manifest.parquet")
     assert len(manifest) == 60
-    assert len(table) == 32 + 6
+    assert len(table) == 32 + 7
     assert set(table["method"]) == {"topk"}
-    assert sorted(table.loc[table.layer == "fc", "neuron"]) == list(range(6))
+    assert sorted(table.loc[table.layer == "fc", "neuron"]) == list(range(7))
     for _, row in table.iterrows():
         assert len(row["exemplar_ids"]) == 5
         assert set(row["exemplar_ids"]) <= set(manifest["image_id"])
         assert list(row["exemplar_activations"]) == sorted(
             row["exemplar_activations"], reverse=True
         )
-        assert json.loads(row["models"]) == {"target": "python:neuroscribe.demo:tiny_cnn"}
+        assert json.loads(row["models"]) == {
+            "target": "python:neuroscribe.demo:tiny_cnn@results/demo/models/shapenet.pt"
+        }
     csv = pd.read_csv(results / "descriptions.csv")
     assert len(csv) == len(table) and json.loads(csv["exemplar_ids"][0]) == list(
         table["exemplar_ids"][0]
     )
-    with h5py.File(results / "activations" / "tinycnn" / "conv2.h5") as h5:
+    with h5py.File(results / "activations" / "shapenet" / "conv2.h5") as h5:
         assert h5["activations"].shape == (60, 32) and h5["activations"].dtype == "float16"
         assert (
             h5.attrs["spec"] == "python:neuroscribe.demo:tiny_cnn" and h5.attrs["pooling"] == "avg"
         )
-    log = (results / "logs" / "activations" / "tinycnn" / "shard-0000.log").read_text()
+    log = (results / "logs" / "activations" / "shapenet" / "shard-0000.log").read_text()
     assert "100%" in log and "img" in log  # the tqdm bar
     assert not list(results.rglob(".*.tmp-*")), "temporary files left behind"
+
+
+def test_the_workflow_trains_the_demo_target_to_the_accuracy_target(
+    finished: tuple[Path, Path],
+) -> None:
+    results = finished[0] / "results" / "demo"
+    metrics = json.loads((results / "models" / "shapenet.metrics.json").read_text())
+    assert metrics["holdout_accuracy"] >= 0.9 and metrics["holdout_images"] == 600
+    log = (results / "logs" / "train_demo_target" / "shapenet.log").read_text()
+    assert f"held-out accuracy {metrics['holdout_accuracy']:.3f} on 600 images" in log
+    # the trained output layer ranks images of its own class first
+    table = pd.read_parquet(results / "descriptions.parquet").set_index(["layer", "neuron"])
+    labels = pd.read_parquet(results / "probe" / "manifest.parquet").set_index("image_id")["label"]
+    top_is_own_class = [
+        labels[table.loc[("fc", n), "exemplar_ids"][0]] == shape for n, shape in enumerate(SHAPES)
+    ]
+    assert sum(top_is_own_class) >= 6, top_is_own_class
 
 
 def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
@@ -98,9 +119,9 @@ def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
 
     results = workdir / "results" / "demo"
     before = pd.read_parquet(results / "descriptions.parquet")
-    chunk = results / "exemplars" / "tinycnn" / "conv2" / "0001.parquet"
-    other = results / "exemplars" / "tinycnn" / "conv2" / "0000.parquet"
-    shard = results / "activations" / "tinycnn" / "shard-0000.h5"
+    chunk = results / "exemplars" / "shapenet" / "conv2" / "0001.parquet"
+    other = results / "exemplars" / "shapenet" / "conv2" / "0000.parquet"
+    shard = results / "activations" / "shapenet" / "shard-0000.h5"
     stamps = (other.stat().st_mtime_ns, shard.stat().st_mtime_ns)
     chunk.unlink()
     dry = run_snakemake(workdir, config, "-n", env=job_env)
@@ -120,9 +141,10 @@ def test_plan_prints_a_summary_and_writes_plan_json(
     assert re.search(r"conv2\s+32 of\s+32\s+in 2 chunk\(s\) of ≤16", proc.stdout)
     assert re.search(r"activations\s+3", proc.stdout)
     plan = json.loads((workdir / "results" / "demo" / "plan.json").read_text())
-    assert plan["neurons"] == 38 and plan["probe"]["files"] == 60 and plan["probe"]["shards"] == 3
+    assert plan["neurons"] == 39 and plan["probe"]["files"] == 60 and plan["probe"]["shards"] == 3
     assert plan["jobs"] == {
         "render_demo_probe": 1,
+        "train_demo_target": 1,
         "probe_manifest": 1,
         "activations": 3,
         "merge_activations": 2,
@@ -141,8 +163,8 @@ def test_wrong_layer_fails_the_dry_run_listing_valid_names(
     proc = run_snakemake(tmp_path, config, "-n", env=job_env, check=False)
     assert proc.returncode != 0
     assert (
-        "target 'tinycnn' (python:neuroscribe.demo:tiny_cnn) has no layer 'conv_3'. "
-        "Valid layer names, closest first: conv3, conv3.0, conv3.1, conv3.2, conv1, conv2"
+        "target 'shapenet' (python:neuroscribe.demo:tiny_cnn) has no layer 'conv_3'. "
+        "Valid layer names, closest first: conv3, conv1.3, conv2.3, conv3.0"
     ) in proc.stdout + proc.stderr
     assert not (tmp_path / "results" / "demo" / "probe").exists()
 

@@ -20,9 +20,15 @@ from neuroscribe.io import write_json
 
 
 def _render_demo(a: dict[str, Any]) -> None:
+    from neuroscribe import world
+
+    world.render_world(a["out_dir"], a["n_images"], a["image_size"], a["seed"])
+
+
+def _train(a: dict[str, Any]) -> None:
     from neuroscribe import demo
 
-    demo.render_probe(a["out_dir"], a["n_images"], a["image_size"], a["seed"])
+    demo.train_target(a["out"], a["metrics"], a["size"], a["mean"], a["std"], **a["train"])
 
 
 def _manifest(a: dict[str, Any]) -> None:
@@ -78,6 +84,7 @@ def _plan(a: dict[str, Any]) -> None:
 
 STAGES: dict[str, Callable[[dict[str, Any]], None]] = {
     "render-demo": _render_demo,
+    "train": _train,
     "manifest": _manifest,
     "activations": _activations,
     "merge": _merge,

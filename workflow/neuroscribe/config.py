@@ -40,6 +40,7 @@ class TargetSpec:
     weights: str | None
     transform: Transform
     layers: tuple[LayerSpec, ...]
+    train: dict[str, int] | None = None
 
     @property
     def kind(self) -> str:
@@ -72,6 +73,7 @@ class TargetSpec:
                 std=tuple(transform["std"]),
             ),
             layers=tuple(LayerSpec(**layer) for layer in data["layers"]),
+            train=data.get("train"),
         )
 
 
@@ -221,6 +223,11 @@ def _check_semantics(config: dict[str, Any], check_paths: bool) -> None:
             )
         kind = target["spec"].split(":", 1)[0]
         weights = target.get("weights")
+        if "train" in target and (kind != "python" or weights):
+            raise ConfigError(
+                f"config key 'targets[{i}].train': only a python: target without weights can be "
+                "trained by the workflow (the trained weights become its weights)"
+            )
         if kind == "hf" and weights:
             raise ConfigError(
                 f"config key 'targets[{i}].weights': hf targets take their weights from the hub id "

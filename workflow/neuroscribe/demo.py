@@ -1,87 +1,22 @@
-"""The built-in demo: a small probe set and a small CNN that the workflow makes itself."""
+"""The demo target: a small CNN trained by the workflow on the demo world (see `world`)."""
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from torch import nn
 
 from neuroscribe.io import atomic_path
+from neuroscribe.world import SHAPES, render_scene, scenes
 
 log = logging.getLogger(__name__)
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (240, 140, 30),
-}
-
-
-def _draw_shape(
-    draw: ImageDraw.ImageDraw,
-    shape: str,
-    box: tuple[int, int, int, int],
-    fill: tuple[int, ...],
-    background: tuple[int, ...],
-) -> None:
-    x0, y0, x1, y1 = box
-    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
-    elif shape == "diamond":
-        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
-    elif shape == "cross":
-        w = r / 3
-        draw.rectangle((cx - w, y0, cx + w, y1), fill=fill)
-        draw.rectangle((x0, cy - w, x1, cy + w), fill=fill)
-    elif shape == "ring":
-        draw.ellipse(box, fill=fill)
-        inner = r * 0.55
-        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=background)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-
-
-def render_image(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, str]:
-    """One image: a coloured shape at a random size and place on a plain light background."""
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    colour = list(COLOURS)[rng.integers(len(COLOURS))]
-    background = tuple(int(v) for v in rng.integers(200, 256, size=3))
-    image = Image.new("RGB", (size, size), background)
-    side = int(rng.integers(size // 3, size * 3 // 4))
-    x0 = int(rng.integers(0, size - side))
-    y0 = int(rng.integers(0, size - side))
-    _draw_shape(
-        ImageDraw.Draw(image), shape, (x0, y0, x0 + side, y0 + side), COLOURS[colour], background
-    )
-    return image, shape, colour
-
-
-def render_probe(out_dir: str | Path, n_images: int, size: int, seed: int) -> None:
-    """Render `n_images` PNGs into out_dir/{shape}/ (the shape is the label); deterministic for a seed."""
-    out = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    digits = max(5, math.ceil(math.log10(n_images + 1)))
-    for i in range(n_images):
-        image, shape, colour = render_image(rng, size)
-        path = out / shape / f"{i:0{digits}d}-{colour}-{shape}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
-    log.info("rendered %d demo images into %s", n_images, out)
+# the held-out scenes are drawn from another stream of the same seed
+HOLDOUT_SEED_OFFSET = 1_000_003
 
 
 class TinyCNN(nn.Module):
@@ -91,7 +26,9 @@ class TinyCNN(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)
+            )
 
         self.conv1 = block(3, 16)
         self.conv2 = block(16, 32)
@@ -105,7 +42,84 @@ class TinyCNN(nn.Module):
 
 
 def tiny_cnn(seed: int = 0) -> TinyCNN:
-    """The demo target with seeded random weights (no download, same weights on every machine)."""
+    """The demo target architecture with seeded initial weights (same on every machine)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TinyCNN()
+
+
+def _dataset(
+    n: int, size: int, seed: int, mean: list[float], std: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    drawn = scenes(n, size, seed)
+    pixels = np.stack([np.asarray(render_scene(s, size)) for s in drawn])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    y = torch.tensor([SHAPES.index(s.label) for s in drawn])
+    return x, y
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.inference_mode():
+        predicted = torch.cat([model(batch).argmax(1) for batch in x.split(256)])
+    return float((predicted == y).float().mean())
+
+
+def train_target(
+    out: str | Path,
+    metrics: str | Path,
+    size: int,
+    mean: list[float],
+    std: list[float],
+    images: int = 3000,
+    holdout: int = 600,
+    epochs: int = 10,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Train the demo CNN to name the main shape of a scene; write its state_dict and metrics.
+
+    Deterministic for a seed on a given machine and thread count.
+    """
+    torch.use_deterministic_algorithms(True)
+    x, y = _dataset(images, size, seed, mean, std)
+    x_val, y_val = _dataset(holdout, size, seed + HOLDOUT_SEED_OFFSET, mean, std)
+    model = tiny_cnn(seed)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=3e-3, total_steps=epochs * ((images + batch_size - 1) // batch_size)
+    )
+    order = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        total = 0.0
+        for index in torch.randperm(images, generator=order).split(batch_size):
+            loss = nn.functional.cross_entropy(model(x[index]), y[index])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += loss.item() * len(index)
+        log.info(
+            "epoch %d/%d: train loss %.3f, held-out accuracy %.3f",
+            epoch + 1,
+            epochs,
+            total / images,
+            _accuracy(model, x_val, y_val),
+        )
+    result = {
+        "train_accuracy": _accuracy(model, x, y),
+        "holdout_accuracy": _accuracy(model, x_val, y_val),
+        "train_images": images,
+        "holdout_images": holdout,
+        "epochs": epochs,
+        "seed": seed,
+        "classes": list(SHAPES),
+    }
+    log.info("held-out accuracy %.3f on %d images", result["holdout_accuracy"], holdout)
+    with atomic_path(out) as tmp:
+        torch.save(model.state_dict(), tmp)
+    with atomic_path(metrics) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,12 @@ from neuroscribe.config import (
 )
 from neuroscribe.inspection import check_layers, inspect_target
 from neuroscribe.probe import count_candidates
+
+
+def trained_weights(results: str, model: str) -> str:
+    """Where the workflow writes the weights of a target it trains itself."""
+    return f"{results}/models/{model}.pt"
+
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -85,7 +91,10 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
     layer shapes come from a cached inspection of the model, image counts from a file listing."""
     validate_config(config)
     results = f"{Path(results_root).as_posix()}/{config['run']}"
-    targets = {t.name: t for t in targets_from_config(config)}
+    targets = {
+        t.name: replace(t, weights=trained_weights(results, t.name)) if t.train else t
+        for t in targets_from_config(config)
+    }
     layer_sizes: dict[str, dict[str, int]] = {}
     chunks: dict[tuple[str, str], list[Chunk]] = {}
     size = config["chunk_size"]

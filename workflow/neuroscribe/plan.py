@@ -9,6 +9,7 @@ from neuroscribe.fanout import Layout
 # pipeline order, for printing (the plan travels as sorted JSON)
 STAGES = (
     "render_demo_probe",
+    "train_demo_target",
     "probe_manifest",
     "activations",
     "merge_activations",
@@ -32,6 +33,7 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
     n_chunks = len(layout.all_chunks())
     jobs = {
         "render_demo_probe": sum(d.type == "demo" for d in layout.datasets),
+        "train_demo_target": sum(t.train is not None for t in layout.targets.values()),
         "probe_manifest": 1,
         "activations": layout.n_shards * n_targets,
         "merge_activations": sum(len(t.layers) for t in layout.targets.values()),

@@ -17,6 +17,7 @@ from PIL import Image
 
 from neuroscribe.config import ConfigError, DatasetSpec
 from neuroscribe.tables import write_table
+from neuroscribe.world import images_folder
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class Candidate:
 
 
 def demo_folder(results: str | Path, dataset: DatasetSpec) -> Path:
-    """Where the workflow renders a `demo` dataset."""
+    """Where the workflow renders a `demo` dataset (images and annotations, see `world`)."""
     return Path(results) / "probe" / "demo" / dataset.name
 
 
@@ -86,7 +87,7 @@ def list_candidates(datasets: Iterable[DatasetSpec], results: str | Path) -> lis
         if ds.type == "folder":
             out += _folder_candidates(ds.name, Path(ds.path), ds.labels)
         elif ds.type == "demo":
-            out += _folder_candidates(ds.name, demo_folder(results, ds), "subfolder")
+            out += _folder_candidates(ds.name, images_folder(demo_folder(results, ds)), "subfolder")
         else:
             out += _filelist_candidates(ds)
     return out

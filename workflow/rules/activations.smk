@@ -1,6 +1,7 @@
 rule activations:
     input:
         manifest=f"{RESULTS}/probe/manifest.parquet",
+        weights=trained_weights_of,
     output:
         f"{RESULTS}/activations/{{model}}/shard-{{shard}}.h5",
     log:

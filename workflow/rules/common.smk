@@ -19,8 +19,8 @@ GPU_ENV = "../../envs/gpu.yaml"
 wildcard_constraints:
     model=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     layer=r"(?!shard-)[^/]+",
-    chunk=r"\d{4,}",
-    shard=r"\d{4,}",
+    chunk=r"\d{4}\d*",
+    shard=r"\d{4}\d*",
     dataset=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
 
 
@@ -58,6 +58,24 @@ def demo_args(dataset, out_dir):
         "seed": ds.seed,
         "out_dir": out_dir,
     }
+
+
+def train_args(model, output):
+    target = LAYOUT.targets[model]
+    return {
+        "out": output.weights,
+        "metrics": output.metrics,
+        "size": target.transform.crop,
+        "mean": list(target.transform.mean),
+        "std": list(target.transform.std),
+        "train": target.train,
+    }
+
+
+def trained_weights_of(wildcards):
+    """The weights file a target needs from the workflow (none unless the workflow trains it)."""
+    target = LAYOUT.targets[wildcards.model]
+    return [target.weights] if target.train else []
 
 
 def demo_dirs():

@@ -1,19 +1,3 @@
-rule render_demo_probe:
-    output:
-        directory(f"{RESULTS}/probe/demo/{{dataset}}"),
-    log:
-        f"{RESULTS}/logs/render_demo_probe/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/render_demo_probe/{{dataset}}.tsv"
-    localrule: True
-    conda:
-        CPU_ENV
-    params:
-        args=lambda w, output: as_json(demo_args(w.dataset, output[0])),
-    shell:
-        "python -m neuroscribe render-demo {params.args:q} 2> {log}"
-
-
 rule probe_manifest:
     input:
         demo_dirs(),

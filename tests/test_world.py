@@ -1,0 +1,121 @@
+"""The demo world: deterministic scenes whose annotations match their pixels; the demo CNN trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from neuroscribe.demo import train_target
+from neuroscribe.world import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    TEXTURES,
+    annotations_path,
+    images_folder,
+    render_scene,
+    render_world,
+    scenes,
+    shape_mask,
+    texture_pattern,
+    tint,
+)
+
+
+def test_vocabulary_is_large_enough() -> None:
+    assert len(SHAPES) >= 6 and len(COLOURS) >= 6
+    assert {"plain", "stripes", "dots", "checker"} <= set(TEXTURES)
+    assert set(BACKGROUNDS) == {"plain", "gradient", "noise"}
+
+
+def test_rendering_is_deterministic_for_a_seed(tmp_path: Path) -> None:
+    a = render_world(tmp_path / "a", n_images=20, size=48, seed=3)
+    b = render_world(tmp_path / "b", n_images=20, size=48, seed=3)
+    c = render_world(tmp_path / "c", n_images=20, size=48, seed=4)
+    pd.testing.assert_frame_equal(a, b)
+    assert list(a["caption"]) != list(c["caption"])
+    for rel in a["relpath"]:
+        assert (images_folder(tmp_path / "a") / rel).read_bytes() == (
+            images_folder(tmp_path / "b") / rel
+        ).read_bytes()
+    assert (
+        pd.read_parquet(annotations_path(tmp_path / "a"))["caption"].tolist()
+        == a["caption"].tolist()
+    )
+
+
+def test_world_covers_its_vocabulary_and_holds_two_object_scenes() -> None:
+    drawn = scenes(600, 64, seed=0)
+    objects = [o for s in drawn for o in s.objects]
+    assert {o.shape for o in objects} == set(SHAPES)
+    assert {o.colour for o in objects} == set(COLOURS)
+    assert {o.texture for o in objects} == set(TEXTURES)
+    assert {s.background for s in drawn} == set(BACKGROUNDS)
+    two = [s for s in drawn if len(s.objects) == 2]
+    assert 0.1 < len(two) / len(drawn) < 0.4
+    for scene in two:
+        main, second = scene.objects
+        assert second.size == "small" and main.size in ("medium", "large")
+        a, b = main.box, second.box
+        assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), "objects overlap"
+        assert " and " in scene.caption
+
+
+def test_annotations_match_pixels() -> None:
+    for scene in scenes(150, 64, seed=1):
+        pixels = np.asarray(render_scene(scene, 64)).reshape(-1, 3)
+        for obj in scene.objects:
+            mask = shape_mask(obj.shape, obj.box, 64)
+            x0, y0, x1, y1 = obj.box
+            ys, xs = np.nonzero(mask)
+            # the box holds the object, tightly
+            assert xs.min() >= x0 and xs.max() < x1 and ys.min() >= y0 and ys.max() < y1
+            assert xs.max() - xs.min() >= (x1 - x0) * 0.8
+            # the object's pixels are its named colour (and the texture's light tint of it)
+            on = mask & texture_pattern(obj.texture, obj.box, 64)
+            inside = pixels[mask.reshape(-1)]
+            colour, light = np.array(COLOURS[obj.colour]), np.array(tint(COLOURS[obj.colour]))
+            exact = (inside == colour).all(1)
+            assert exact.sum() == on.sum() > 0
+            assert ((inside == colour).all(1) | (inside == light).all(1)).all()
+            # and that colour appears nowhere outside the boxes of the objects painted with it
+            outside = np.ones((64, 64), dtype=bool)
+            for same in scene.objects:
+                if same.colour == obj.colour:
+                    outside[same.box[1] : same.box[3], same.box[0] : same.box[2]] = False
+            assert not (pixels[outside.reshape(-1)] == colour).all(1).any()
+        words = scene.caption.split()
+        for obj in scene.objects:
+            assert obj.colour in words and obj.shape in words
+
+
+def test_unknown_shape_or_texture_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'; known: circle"):
+        shape_mask("hexagon", (0, 0, 10, 10), 16)
+    with pytest.raises(ValueError, match="unknown texture 'zigzag'"):
+        texture_pattern("zigzag", (0, 0, 10, 10), 16)
+
+
+def test_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        metrics = train_target(
+            tmp_path / f"{name}.pt",
+            tmp_path / f"{name}.json",
+            32,
+            [0.5] * 3,
+            [0.5] * 3,
+            images=200,
+            holdout=50,
+            epochs=2,
+            seed=7,
+        )
+        runs.append((metrics, torch.load(tmp_path / f"{name}.pt", weights_only=True)))
+    (m1, w1), (m2, w2) = runs
+    assert m1 == m2
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert (tmp_path / "a.json").exists()
