@@ -19,4 +19,5 @@ rule all:
         f"{RESULTS}/descriptions.parquet",
         f"{RESULTS}/descriptions.csv",
         chunk_outputs("exemplars", "parquet"),
+        evaluation_outputs(),
     localrule: True

@@ -54,6 +54,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "merge_activations": 2,  # conv2, fc
         "exemplars": 3,  # conv2: 32 neurons in chunks of 16; fc: 7 neurons
         "describe": 1,
+        "evaluate_demo": 1,
         "all": 1,
     }
     assert not (workdir / "results" / "demo" / "probe").exists(), "a dry run wrote outputs"
@@ -108,6 +109,15 @@ def test_the_workflow_trains_the_demo_target_to_the_accuracy_target(
         labels[table.loc[("fc", n), "exemplar_ids"][0]] == shape for n, shape in enumerate(SHAPES)
     ]
     assert sum(top_is_own_class) >= 6, top_is_own_class
+    evaluation = pd.read_parquet(results / "evaluation.parquet")
+    assert len(evaluation) == len(table)
+    output = evaluation[evaluation.kind == "output"].sort_values("neuron")
+    assert list(output["truth"]) == [f"shape:{s}" for s in SHAPES]
+    assert output["exemplar_precision"].mean() >= 0.7
+    hidden = evaluation[evaluation.kind == "hidden"]
+    assert hidden["truth_auc"].between(0.5, 1).all() and hidden["truth_auc"].mean() > 0.7
+    assert evaluation["label_names_truth"].isna().all()  # topk gives no labels to judge
+    assert "top-exemplar precision" in (results / "logs" / "evaluate_demo.log").read_text()
 
 
 def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
@@ -125,7 +135,12 @@ def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
     stamps = (other.stat().st_mtime_ns, shard.stat().st_mtime_ns)
     chunk.unlink()
     dry = run_snakemake(workdir, config, "-n", env=job_env)
-    assert _job_counts(dry.stdout + dry.stderr) == {"exemplars": 1, "describe": 1, "all": 1}
+    assert _job_counts(dry.stdout + dry.stderr) == {
+        "exemplars": 1,
+        "describe": 1,
+        "evaluate_demo": 1,
+        "all": 1,
+    }
     run_snakemake(workdir, config, env=job_env)
     assert chunk.exists()
     assert (other.stat().st_mtime_ns, shard.stat().st_mtime_ns) == stamps

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from neuroscribe.config import TargetSpec, Transform
 from neuroscribe.demo import train_target
 from neuroscribe.world import (
     BACKGROUNDS,
@@ -101,14 +102,19 @@ def test_unknown_shape_or_texture_is_an_error() -> None:
 
 
 def test_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
+    target = TargetSpec(
+        name="t",
+        spec="python:neuroscribe.demo:tiny_cnn",
+        weights=None,
+        transform=Transform(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        layers=(),
+    )
     runs = []
     for name in ("a", "b"):
         metrics = train_target(
+            target,
             tmp_path / f"{name}.pt",
             tmp_path / f"{name}.json",
-            32,
-            [0.5] * 3,
-            [0.5] * 3,
             images=200,
             holdout=50,
             epochs=2,

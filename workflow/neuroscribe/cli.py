@@ -28,7 +28,9 @@ def _render_demo(a: dict[str, Any]) -> None:
 def _train(a: dict[str, Any]) -> None:
     from neuroscribe import demo
 
-    demo.train_target(a["out"], a["metrics"], a["size"], a["mean"], a["std"], **a["train"])
+    demo.train_target(
+        TargetSpec.from_dict(a["target"]), a["out"], a["metrics"], **a["target"]["train"]
+    )
 
 
 def _manifest(a: dict[str, Any]) -> None:
@@ -68,6 +70,14 @@ def _exemplars(a: dict[str, Any]) -> None:
     exemplars.chunk_exemplars(a["layer_h5"], a["model"], a["layer"], a["neurons"], a["out"])
 
 
+def _evaluate(a: dict[str, Any]) -> None:
+    from neuroscribe import evaluation
+
+    evaluation.write_evaluation(
+        a["descriptions"], a["manifest"], a["worlds"], a["targets"], a["out"]
+    )
+
+
 def _describe(a: dict[str, Any]) -> None:
     from neuroscribe import describe
 
@@ -90,6 +100,7 @@ STAGES: dict[str, Callable[[dict[str, Any]], None]] = {
     "merge": _merge,
     "exemplars": _exemplars,
     "describe": _describe,
+    "evaluate": _evaluate,
     "plan": _plan,
 }
 

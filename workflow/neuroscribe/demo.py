@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from neuroscribe.config import TargetSpec
 from neuroscribe.io import atomic_path
+from neuroscribe.models import build_target
 from neuroscribe.world import SHAPES, render_scene, scenes
 
 log = logging.getLogger(__name__)
@@ -67,25 +69,30 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_target(
+    target: TargetSpec,
     out: str | Path,
     metrics: str | Path,
-    size: int,
-    mean: list[float],
-    std: list[float],
     images: int = 3000,
     holdout: int = 600,
     epochs: int = 10,
     seed: int = 0,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """Train the demo CNN to name the main shape of a scene; write its state_dict and metrics.
+    """Train the target (built from its spec, e.g. the demo CNN) to name the main shape of a
+    scene, at its input size and normalisation; write its state_dict and metrics.
 
     Deterministic for a seed on a given machine and thread count.
     """
     torch.use_deterministic_algorithms(True)
-    x, y = _dataset(images, size, seed, mean, std)
-    x_val, y_val = _dataset(holdout, size, seed + HOLDOUT_SEED_OFFSET, mean, std)
-    model = tiny_cnn(seed)
+    tf = target.transform
+    x, y = _dataset(images, tf.crop, seed, list(tf.mean), list(tf.std))
+    x_val, y_val = _dataset(
+        holdout, tf.crop, seed + HOLDOUT_SEED_OFFSET, list(tf.mean), list(tf.std)
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_target(target, load_weights=False).module
+    model.train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=3e-3, total_steps=epochs * ((images + batch_size - 1) // batch_size)

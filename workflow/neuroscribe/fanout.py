@@ -18,7 +18,7 @@ from neuroscribe.config import (
     targets_from_config,
     validate_config,
 )
-from neuroscribe.inspection import check_layers, inspect_target
+from neuroscribe.inspection import check_layers, inspect_target, output_layer
 from neuroscribe.probe import count_candidates
 
 
@@ -78,6 +78,7 @@ class Layout:
     chunks: dict[tuple[str, str], list[Chunk]]
     n_candidates: int
     n_shards: int
+    output_layers: dict[str, str | None]
 
     def chunk(self, model: str, layer: str, name: str) -> Chunk:
         return self.chunks[(model, layer)][int(name)]
@@ -97,10 +98,12 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
     }
     layer_sizes: dict[str, dict[str, int]] = {}
     chunks: dict[tuple[str, str], list[Chunk]] = {}
+    output_layers: dict[str, str | None] = {}
     size = config["chunk_size"]
     for ti, target in enumerate(targets.values()):
         modules = inspect_target(target, f"{results}/inspect")
         sizes = check_layers(target, modules)
+        output_layers[target.name] = output_layer(modules)
         layer_sizes[target.name] = sizes
         for li, layer in enumerate(target.layers):
             where = f"config key 'targets[{ti}].layers[{li}].neurons' (layer {layer.name})"
@@ -125,4 +128,5 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
         chunks=chunks,
         n_candidates=n_candidates,
         n_shards=math.ceil(n_candidates / config["shard_size"]),
+        output_layers=output_layers,
     )

@@ -115,3 +115,11 @@ def check_layers(target: TargetSpec, modules: dict[str, dict[str, Any]]) -> dict
             )
         sizes[layer.name] = count
     return sizes
+
+
+def output_layer(modules: dict[str, dict[str, Any]]) -> str | None:
+    """The class-score layer: the last module (in definition order) run once with a vector output."""
+    vectors = [
+        n for n, m in modules.items() if m["calls"] == 1 and m["shape"] and len(m["shape"]) == 1
+    ]
+    return vectors[-1] if vectors else None

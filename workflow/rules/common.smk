@@ -61,14 +61,41 @@ def demo_args(dataset, out_dir):
 
 
 def train_args(model, output):
-    target = LAYOUT.targets[model]
+    # the untrained architecture: the weights path is this rule's output
+    target = LAYOUT.targets[model].to_dict() | {"weights": None}
+    return {"target": target, "out": output.weights, "metrics": output.metrics}
+
+
+def trained_models():
+    return [t.name for t in LAYOUT.targets.values() if t.train]
+
+
+def evaluation_outputs():
+    """The ground-truth evaluation, when the workflow trained a target on its demo world."""
+    return [f"{RESULTS}/evaluation.parquet"] if trained_models() and demo_dirs() else []
+
+
+def evaluate_args(input, output):
+    layers = {
+        model: {
+            layer: f"{RESULTS}/activations/{model}/{layer}.h5"
+            for layer in LAYOUT.layer_sizes[model]
+        }
+        for model in trained_models()
+    }
     return {
-        "out": output.weights,
-        "metrics": output.metrics,
-        "size": target.transform.crop,
-        "mean": list(target.transform.mean),
-        "std": list(target.transform.std),
-        "train": target.train,
+        "descriptions": input.descriptions,
+        "manifest": input.manifest,
+        "worlds": [
+            [d.name, str(demo_folder(RESULTS, d))]
+            for d in LAYOUT.datasets
+            if d.type == "demo"
+        ],
+        "targets": {
+            model: {"layers": files, "output_layer": LAYOUT.output_layers[model]}
+            for model, files in layers.items()
+        },
+        "out": output[0],
     }
 
 

@@ -32,3 +32,27 @@ rule train_demo_target:
         args=lambda w, output: as_json(train_args(w.model, output)),
     shell:
         "python -m neuroscribe train {params.args:q} 2> {log}"
+
+
+rule evaluate_demo:
+    input:
+        descriptions=f"{RESULTS}/descriptions.parquet",
+        manifest=f"{RESULTS}/probe/manifest.parquet",
+        layers=lambda w: [
+            f"{RESULTS}/activations/{m}/{l}.h5"
+            for m in trained_models()
+            for l in LAYOUT.layer_sizes[m]
+        ],
+    output:
+        f"{RESULTS}/evaluation.parquet",
+    log:
+        f"{RESULTS}/logs/evaluate_demo.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_demo.tsv"
+    localrule: True
+    conda:
+        CPU_ENV
+    params:
+        args=lambda w, input, output: as_json(evaluate_args(input, output)),
+    shell:
+        "python -m neuroscribe evaluate {params.args:q} 2> {log}"

@@ -1,0 +1,118 @@
+"""Image-image similarity: compares a neuron's top exemplar images with a concept's images.
+
+Describe-and-Dissect uses CLIP for this. `TargetFeatureSimilarity` is the offline, CLIP-free
+stand-in with the same interface (`id`, `embed`, `matrix`, `similarity`): it embeds images with
+the target model's own penultimate features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from neuroscribe.activations import Normalizer, image_transform
+from neuroscribe.config import Transform
+from neuroscribe.inspection import LayerError, closest_first
+from neuroscribe.models import LoadedTarget, first_tensor
+
+
+class _Captured(Exception):
+    """Raised from the hook once the features are in: the rest of the forward pass is skipped."""
+
+
+class TargetFeatureSimilarity:
+    """Cosine similarity of the target's features.
+
+    Features are the input of the model's last `nn.Linear` (in module order: the classifier
+    head, so the penultimate representation), or, with `layer`, that module's output flattened
+    to [N, C*H*W] (no pooling: spatial layout counts; for the demo CNN's "conv3" at 64 px that is
+    64*8*8 = 4096 dims). The target's module is moved to `device` and left in its mode (eval).
+    """
+
+    def __init__(
+        self,
+        target: LoadedTarget,
+        transform: Transform,
+        device: str = "cpu",
+        layer: str | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        self.target = target
+        self.layer = layer
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self._to_uint8 = image_transform(transform)
+        self._normalize = Normalizer(transform, self.device)
+        modules = dict(target.module.named_modules())
+        if layer is None:
+            linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise LayerError(
+                    "the target has no torch.nn.Linear module to take penultimate features from; "
+                    f"name a layer instead, one of: {', '.join(n for n in modules if n)}"
+                )
+            self._module = linears[-1]
+        else:
+            if not layer or layer not in modules:
+                names = [n for n in modules if n]
+                raise LayerError(
+                    f"the model has no layer {layer!r}; valid: {', '.join(closest_first(layer, names))}"
+                )
+            self._module = modules[layer]
+        target.module.to(self.device)
+
+    @property
+    def id(self) -> str:
+        return f"target-features:{self.layer or 'penultimate'}"
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+
+        def from_input(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            captured.append(inputs[0])
+            raise _Captured
+
+        def from_output(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            tensor = first_tensor(output)
+            if tensor is None:
+                raise LayerError(f"layer {self.layer!r} returned no tensor")
+            captured.append(tensor)
+            raise _Captured
+
+        if self.layer is None:
+            handle = self._module.register_forward_pre_hook(from_input)
+        else:
+            handle = self._module.register_forward_hook(from_output)
+        try:
+            with contextlib.suppress(_Captured):
+                self.target.call(x)
+        finally:
+            handle.remove()
+        if not captured:
+            raise LayerError(f"feature module of {self.id} did not run in the forward pass")
+        return captured[0].flatten(1).float()
+
+    def embed(self, images: list[Image.Image]) -> torch.Tensor:
+        """L2-normalised features [N, D] (float32, on `device`), preprocessed like the pipeline."""
+        if not images:
+            raise ValueError("no images to embed")
+        batches = []
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                chunk = images[start : start + self.batch_size]
+                x = torch.stack([self._to_uint8(image.convert("RGB")) for image in chunk])
+                batches.append(self._run(self._normalize(x.to(self.device))))
+        return nn.functional.normalize(torch.cat(batches), dim=1)
+
+    def matrix(self, a: list[Image.Image], b: list[Image.Image]) -> torch.Tensor:
+        """Cosine similarities [len(a), len(b)]."""
+        ea = self.embed(a)
+        return ea @ (ea if b is a else self.embed(b)).T
+
+    def similarity(self, a: list[Image.Image], b: list[Image.Image]) -> float:
+        """Mean pairwise cosine similarity of the two sets (1.0 only if all images embed alike)."""
+        return float(self.matrix(a, b).mean())
