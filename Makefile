@@ -20,7 +20,8 @@ demo: install
 	snakemake --profile profiles/local --configfile config/demo.yaml
 	@echo
 	@echo "Done. The description table: results/demo/descriptions.parquet (and .csv);"
-	@echo "the probe manifest: results/demo/probe/manifest.parquet; logs: results/demo/logs/."
+	@echo "ground-truth check: results/demo/evaluation.parquet; the probe manifest:"
+	@echo "results/demo/probe/manifest.parquet; logs: results/demo/logs/."
 
 plan: install
 	snakemake --profile profiles/local --configfile config/demo.yaml plan
