@@ -75,14 +75,15 @@ def evaluation_outputs():
     return [f"{RESULTS}/evaluation.parquet"] if trained_models() and demo_dirs() else []
 
 
-def evaluate_args(input, output):
-    layers = {
-        model: {
-            layer: f"{RESULTS}/activations/{model}/{layer}.h5"
-            for layer in LAYOUT.layer_sizes[model]
-        }
-        for model in trained_models()
+def layer_files(model):
+    """The merged activation file of every described layer of a model."""
+    return {
+        layer: f"{RESULTS}/activations/{model}/{layer}.h5"
+        for layer in LAYOUT.layer_sizes[model]
     }
+
+
+def evaluate_args(input, output):
     return {
         "descriptions": input.descriptions,
         "manifest": input.manifest,
@@ -92,8 +93,11 @@ def evaluate_args(input, output):
             if d.type == "demo"
         ],
         "targets": {
-            model: {"layers": files, "output_layer": LAYOUT.output_layers[model]}
-            for model, files in layers.items()
+            model: {
+                "layers": layer_files(model),
+                "output_layer": LAYOUT.output_layers[model],
+            }
+            for model in trained_models()
         },
         "out": output[0],
     }

@@ -38,11 +38,7 @@ rule evaluate_demo:
     input:
         descriptions=f"{RESULTS}/descriptions.parquet",
         manifest=f"{RESULTS}/probe/manifest.parquet",
-        layers=lambda w: [
-            f"{RESULTS}/activations/{m}/{l}.h5"
-            for m in trained_models()
-            for l in LAYOUT.layer_sizes[m]
-        ],
+        layers=[f for m in trained_models() for f in layer_files(m).values()],
     output:
         f"{RESULTS}/evaluation.parquet",
     log:
