@@ -80,7 +80,8 @@ INVALID = [
     (
         _set("chunksize", 3),
         "config: unknown key 'chunksize' (did you mean 'chunk_size'?); allowed keys: batch_size, "
-        "chunk_size, device, dtype, methods, probe, resources, run, shard_size, targets, top_k",
+        "chunk_size, crops, device, dtype, methods, probe, resources, run, shard_size, targets, "
+        "top_k",
     ),
     (
         _set("targets.0.poolng", "avg"),

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import h5py
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from neuroscribe.config import LayerSpec, TargetSpec, Transform
 from neuroscribe.io import atomic_path
 from neuroscribe.merge import ID_DTYPE, layer_attrs
-from neuroscribe.models import LayerRecorder, build_target
+from neuroscribe.models import LayerRecorder, LoadedTarget, build_target
 from neuroscribe.probe import load_rgb, shard_rows
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,16 @@ class Normalizer:
 class ProbeImages(Dataset):
     """Decoded, resized, cropped probe images as uint8 (decoding runs in DataLoader workers)."""
 
-    def __init__(self, paths: Sequence[str | bytes] | np.ndarray, tf: Transform) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str | bytes] | np.ndarray,
+        tf: Transform,
+        boxes: Sequence[tuple[int, int, int, int] | None] | None = None,
+    ) -> None:
         self.paths = paths
         self.transform = image_transform(tf)
+        # optional crop box per item (image pixels), applied before the transform
+        self.boxes = boxes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -70,6 +77,8 @@ class ProbeImages(Dataset):
                 f"cannot read probe image {os.fsdecode(self.paths[i])} (it was readable when the manifest was "
                 f"built): {exc}; rebuild the manifest"
             ) from exc
+        if self.boxes is not None and self.boxes[i] is not None:
+            image = image.crop(self.boxes[i])
         return self.transform(image), i
 
 
@@ -101,6 +110,47 @@ def _progress(total: int, desc: str) -> tqdm:
     )
 
 
+def load_on(target: TargetSpec, dev: torch.device) -> LoadedTarget:
+    """Build the target with its weights, directly on the compute device."""
+    with torch.device(dev):
+        loaded = build_target(target)
+    loaded.module.to(dev)
+    return loaded
+
+
+def forward_batches(
+    recorder: LayerRecorder,
+    dataset: ProbeImages,
+    tf: Transform,
+    batch_size: int,
+    workers: int,
+    dev: torch.device,
+    compute_dtype: torch.dtype,
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """(item indices, hooked outputs) per batch: decoding in DataLoader workers, one forward pass
+    per batch for every hooked layer."""
+    normalize = Normalizer(tf, dev)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=dev.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    with torch.inference_mode(), _autocast(dev, compute_dtype):
+        for images, index in loader:
+            yield index, recorder.run(normalize(images.to(dev, non_blocking=True)))
+
+
+def _progress_over(
+    batches: Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]], total: int, desc: str
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    with _progress(total, desc) as bar:
+        for index, outputs in batches:
+            yield index, outputs
+            bar.update(len(index))
+
+
 def extract_shard(
     manifest: str | Path,
     target: TargetSpec,
@@ -124,38 +174,25 @@ def extract_shard(
     compute_dtype = resolve_dtype(dtype, dev)
     log.info("shard %d/%d: %d images on %s (%s)", shard, n_shards, len(rows), dev, compute_dtype)
 
-    with torch.device(dev):
-        loaded = build_target(target)
-    loaded.module.to(dev)
+    loaded = load_on(target, dev)
     recorder = LayerRecorder(loaded, layers)
-    normalize = Normalizer(target.transform, dev)
-    loader = DataLoader(
-        ProbeImages(paths, target.transform),
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=dev.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
     buffers: dict[str, np.ndarray] = {}
     overflow: dict[str, int] = {}
     done = 0
-    with (
-        torch.inference_mode(),
-        _autocast(dev, compute_dtype),
-        _progress(len(rows), f"shard {shard}") as bar,
-    ):
-        for images, _ in loader:
-            pooled = recorder.run(normalize(images.to(dev, non_blocking=True)))
-            n = images.shape[0]
-            for name, values in pooled.items():
-                if name not in buffers:
-                    buffers[name] = np.empty((len(rows), values.shape[1]), dtype=np.float16)
-                    overflow[name] = 0
-                batch = values.to(torch.float16).cpu().numpy()
-                overflow[name] += int(np.isinf(batch).sum())
-                buffers[name][done : done + n] = batch
-            done += n
-            bar.update(n)
+    dataset = ProbeImages(paths, target.transform)
+    batches = forward_batches(
+        recorder, dataset, target.transform, batch_size, workers, dev, compute_dtype
+    )
+    for _, pooled in _progress_over(batches, len(rows), f"shard {shard}"):
+        n = next(iter(pooled.values())).shape[0]
+        for name, values in pooled.items():
+            if name not in buffers:
+                buffers[name] = np.empty((len(rows), values.shape[1]), dtype=np.float16)
+                overflow[name] = 0
+            batch = values.to(torch.float16).cpu().numpy()
+            overflow[name] += int(np.isinf(batch).sum())
+            buffers[name][done : done + n] = batch
+        done += n
     recorder.close()
 
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:

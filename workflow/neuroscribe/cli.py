@@ -67,7 +67,20 @@ def _merge(a: dict[str, Any]) -> None:
 def _exemplars(a: dict[str, Any]) -> None:
     from neuroscribe import exemplars
 
-    exemplars.chunk_exemplars(a["layer_h5"], a["model"], a["layer"], a["neurons"], a["out"])
+    exemplars.chunk_exemplars(
+        layer_h5=a["layer_h5"],
+        manifest=a["manifest"],
+        target=TargetSpec.from_dict(a["target"]),
+        layer=a["layer"],
+        neurons=a["neurons"],
+        out=a["out"],
+        top_k=a["top_k"],
+        crops=a["crops"],
+        batch_size=a["batch_size"],
+        workers=a["workers"],
+        device=a["device"],
+        dtype=a["dtype"],
+    )
 
 
 def _evaluate(a: dict[str, Any]) -> None:

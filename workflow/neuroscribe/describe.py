@@ -18,7 +18,12 @@ def topk_rows(exemplars: pd.DataFrame, models: dict[str, str]) -> pd.DataFrame:
     ordered = exemplars.sort_values(["model", "layer", "neuron", "rank"])
     grouped = ordered.groupby(["model", "layer", "neuron"], sort=False)
     out = grouped.agg(
-        exemplar_ids=("image_id", list), exemplar_activations=("activation", list)
+        exemplar_ids=("image_id", list),
+        exemplar_boxes=(
+            "box",
+            lambda boxes: [None if b is None else [int(v) for v in b] for b in boxes],
+        ),
+        exemplar_activations=("activation", list),
     ).reset_index()
     out["method"] = "topk"
     out["label"] = None

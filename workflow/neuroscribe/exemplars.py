@@ -1,44 +1,191 @@
-"""Exemplars of a chunk of neurons: each neuron's top-K probe images from the merged layer file."""
+"""Exemplars of a chunk of neurons: top-K probe images and attention crops, re-ranked by activation.
+
+For a layer with spatial maps, every top-K image of the chunk's neurons goes through the target
+once (one batched pass for the whole chunk); each neuron's map on each of its images gives up to 4
+attention crops (see `crops`); all crops of the chunk go through the target in one more batched
+pass and are scored by their neuron's pooled activation; each neuron keeps the top-K of its
+images and crops. Crops are stored as boxes; pixels are re-read when needed.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
 
+from neuroscribe.config import LayerSpec, TargetSpec
+from neuroscribe.crops import Box, attention_boxes, input_box_to_image
 from neuroscribe.tables import write_table
 
 log = logging.getLogger(__name__)
 
 
-def chunk_exemplars(
-    layer_h5: str | Path, model: str, layer: str, neurons: list[int], out: str | Path
-) -> None:
-    """One row per (neuron, rank) for the chunk's neurons, highest activation first.
+@dataclass(frozen=True)
+class Candidate:
+    neuron: int
+    row: int
+    image_id: str
+    box: Box | None
+    activation: float
 
-    Whole images only for now: attention crops re-ranked by activation come with the
-    Describe-and-Dissect exemplar stage.
-    """
+
+def _top_images(layer_h5: str | Path, neurons: list[int]) -> list[list[Candidate]]:
     with h5py.File(layer_h5, "r", locking=False) as h5:
         index = np.asarray(neurons, dtype=np.int64)
-        top_rows = h5["topk_rows"][:][index]
-        top_ids = h5["topk_ids"][:][index]
-        top_values = h5["topk_values"][:][index]
-    k = top_rows.shape[1]
-    df = pd.DataFrame(
-        {
-            "model": model,
-            "layer": layer,
-            "neuron": np.repeat(index, k),
-            "rank": np.tile(np.arange(k), len(index)),
-            "image_id": top_ids.reshape(-1).astype(str),
-            "row": top_rows.reshape(-1),
-            "box": [None] * (len(index) * k),
-            "activation": top_values.reshape(-1).astype(np.float64),
-        }
+        rows = h5["topk_rows"][:][index]
+        ids = h5["topk_ids"][:][index].astype(str)
+        values = h5["topk_values"][:][index]
+    return [
+        [
+            Candidate(n, int(r), str(i), None, float(v))
+            for r, i, v in zip(rows[j], ids[j], values[j], strict=True)
+        ]
+        for j, n in enumerate(neurons)
+    ]
+
+
+def _ranked(candidates: list[Candidate], k: int) -> list[Candidate]:
+    # highest activation first; ties: whole images before crops, then by row and box
+    return sorted(candidates, key=lambda c: (-c.activation, c.box is not None, c.row, c.box or ()))[
+        :k
+    ]
+
+
+def _crop_candidates(
+    images: list[list[Candidate]],
+    manifest: pd.DataFrame,
+    target: TargetSpec,
+    layer: LayerSpec,
+    batch_size: int,
+    workers: int,
+    device: str,
+    dtype: str,
+) -> list[list[Candidate]] | None:
+    """Attention crops of every neuron's top images, scored; None for a layer without maps."""
+    import torch
+
+    from neuroscribe.activations import (
+        ProbeImages,
+        forward_batches,
+        load_on,
+        resolve_device,
+        resolve_dtype,
     )
-    write_table(df, out, "exemplars")
-    log.info("%s/%s: exemplars of %d neurons", model, layer, len(index))
+    from neuroscribe.models import LayerRecorder
+
+    dev = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype, dev)
+    loaded = load_on(target, dev)
+    channels = [group[0].neuron for group in images]
+    rows = sorted({c.row for group in images for c in group})
+    position = {row: i for i, row in enumerate(rows)}
+    paths = manifest["path"].to_numpy()[rows]
+
+    raw = LayerRecorder(loaded, [layer], pooled=False)
+    maps: np.ndarray | None = None
+    batches = forward_batches(
+        raw,
+        ProbeImages(paths, target.transform),
+        target.transform,
+        batch_size,
+        workers,
+        dev,
+        compute_dtype,
+    )
+    for index, outputs in batches:
+        out = outputs[layer.name]
+        if out.ndim != 4:
+            raw.close()
+            log.info(
+                "layer %s has no spatial map (output %s): no attention crops",
+                layer.name,
+                list(out.shape),
+            )
+            return None
+        if maps is None:
+            maps = np.empty((len(rows), len(channels), *out.shape[2:]), dtype=np.float32)
+        maps[index.numpy()] = out[:, channels].float().cpu().numpy()
+    raw.close()
+    assert maps is not None
+
+    requests: list[tuple[int, int, Box]] = []  # (neuron position in chunk, row, image box)
+    sizes = manifest[["width", "height"]].to_numpy()
+    for j, group in enumerate(images):
+        for cand in group:
+            width, height = sizes[cand.row]
+            for box in attention_boxes(maps[position[cand.row], j], target.transform.crop):
+                requests.append(
+                    (
+                        j,
+                        cand.row,
+                        input_box_to_image(box, int(width), int(height), target.transform),
+                    )
+                )
+    scores = np.empty(len(requests), dtype=np.float32)
+    if requests:
+        pooled = LayerRecorder(loaded, [layer])
+        dataset = ProbeImages(
+            manifest["path"].to_numpy()[[r for _, r, _ in requests]],
+            target.transform,
+            [b for _, _, b in requests],
+        )
+        which = torch.tensor([channels[j] for j, _, _ in requests])
+        for index, outputs in forward_batches(
+            pooled, dataset, target.transform, batch_size, workers, dev, compute_dtype
+        ):
+            picked = outputs[layer.name].float().cpu()[torch.arange(len(index)), which[index]]
+            scores[index.numpy()] = picked.numpy()
+        pooled.close()
+    ids = manifest["image_id"].to_numpy()
+    crops: list[list[Candidate]] = [[] for _ in images]
+    for (j, row, box), score in zip(requests, scores, strict=True):
+        crops[j].append(Candidate(channels[j], row, str(ids[row]), box, float(score)))
+    log.info(
+        "%d attention crops for %d neurons on %d images", len(requests), len(images), len(rows)
+    )
+    return crops
+
+
+def chunk_exemplars(
+    layer_h5: str | Path,
+    manifest: str | Path,
+    target: TargetSpec,
+    layer: str,
+    neurons: list[int],
+    out: str | Path,
+    top_k: int,
+    crops: bool = True,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> None:
+    """One row per (neuron, rank): the top-K of its images and attention crops."""
+    images = _top_images(layer_h5, neurons)
+    spec = target.layer(layer)
+    scored = None
+    if crops:
+        probe = pd.read_parquet(manifest, columns=["image_id", "path", "width", "height"])
+        scored = _crop_candidates(images, probe, target, spec, batch_size, workers, device, dtype)
+    rows = []
+    for j, group in enumerate(images):
+        pool = group + (scored[j] if scored is not None else [])
+        for rank, cand in enumerate(_ranked(pool, top_k)):
+            rows.append(
+                {
+                    "model": target.name,
+                    "layer": layer,
+                    "neuron": cand.neuron,
+                    "rank": rank,
+                    "image_id": cand.image_id,
+                    "row": cand.row,
+                    "box": None if cand.box is None else list(cand.box),
+                    "activation": cand.activation,
+                }
+            )
+    write_table(pd.DataFrame(rows), out, "exemplars")
+    log.info("%s/%s: exemplars of %d neurons", target.name, layer, len(neurons))

@@ -212,11 +212,13 @@ class _AllLayersSeen(Exception):
 
 
 class LayerRecorder:
-    """Hooks the requested layers; `run(x)` returns their pooled outputs [B, C] in one forward pass."""
+    """Hooks the requested layers; `run(x)` returns their pooled outputs [B, C] in one forward pass
+    (or, with pooled=False, the raw outputs, e.g. spatial maps [B, C, H, W])."""
 
-    def __init__(self, target: LoadedTarget, layers: list[LayerSpec]) -> None:
+    def __init__(self, target: LoadedTarget, layers: list[LayerSpec], pooled: bool = True) -> None:
         self.target = target
         self.layers = layers
+        self.pooled = pooled
         self._out: dict[str, torch.Tensor] = {}
         modules = dict(target.module.named_modules())
         missing = [layer.name for layer in layers if layer.name not in modules]
@@ -233,7 +235,7 @@ class LayerRecorder:
             tensor = first_tensor(output)
             if tensor is None:
                 raise LayerError(f"layer '{layer.name}' returned no tensor")
-            self._out[layer.name] = pool(tensor, layer)
+            self._out[layer.name] = pool(tensor, layer) if self.pooled else tensor
             if len(self._out) == len(self.layers):
                 raise _AllLayersSeen
 

@@ -109,6 +109,7 @@ def write_csv(table: pa.Table, path: str | Path) -> None:
     df = table.to_pandas()
     for field in table.schema:
         if pa.types.is_list(field.type):
-            df[field.name] = [None if v is None else json.dumps(list(v)) for v in df[field.name]]
+            values = table.column(field.name).to_pylist()  # plain Python, nested lists included
+            df[field.name] = [None if v is None else json.dumps(v) for v in values]
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)

@@ -1,6 +1,8 @@
 rule exemplars:
     input:
-        f"{RESULTS}/activations/{{model}}/{{layer}}.h5",
+        layer=f"{RESULTS}/activations/{{model}}/{{layer}}.h5",
+        manifest=f"{RESULTS}/probe/manifest.parquet",
+        weights=trained_weights_of,
     output:
         f"{RESULTS}/exemplars/{{model}}/{{layer}}/{{chunk}}.parquet",
     log:
@@ -15,13 +17,20 @@ rule exemplars:
         runtime=scaled("exemplars", "runtime"),
         gpu=stage_resource("exemplars", "gpus"),
     params:
-        args=lambda w, input, output: as_json(
+        args=lambda w, input, output, threads: as_json(
             {
-                "layer_h5": input[0],
-                "model": w.model,
+                "layer_h5": input.layer,
+                "manifest": input.manifest,
+                "target": target_dict(w.model),
                 "layer": w.layer,
                 "neurons": list(LAYOUT.chunk(w.model, w.layer, w.chunk).neurons),
                 "out": output[0],
+                "top_k": config["top_k"],
+                "crops": config["crops"],
+                "batch_size": config["batch_size"],
+                "workers": threads,
+                "device": config["device"],
+                "dtype": config["dtype"],
             }
         ),
     shell:

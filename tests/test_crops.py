@@ -1,0 +1,77 @@
+"""Attention crops: Otsu threshold, region boxes, the paper's IoU rules, mapping back to the image,
+and re-ranking of images and crops by activation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from neuroscribe.config import Transform
+from neuroscribe.crops import (
+    MAX_CROPS,
+    attention_boxes,
+    input_box_to_image,
+    iou,
+    otsu_threshold,
+    region_boxes,
+    select_boxes,
+)
+from neuroscribe.exemplars import Candidate, _ranked
+
+
+def test_otsu_separates_two_populations() -> None:
+    values = np.concatenate([np.full(900, 0.1), np.full(100, 5.0)])
+    threshold = otsu_threshold(values)
+    assert 0.1 <= threshold < 5.0
+    assert otsu_threshold(np.ones(10)) == 1.0
+
+
+def test_known_blobs_give_their_boxes_largest_first() -> None:
+    heat = np.zeros((64, 64))
+    heat[5:15, 40:60] = 3.0  # 10 x 20
+    heat[30:60, 2:32] = 2.0  # 30 x 30, the largest
+    heat[50:54, 50:54] = 4.0  # 4 x 4
+    boxes = attention_boxes_from_heat(heat)
+    assert boxes == [(2, 30, 32, 60), (40, 5, 60, 15), (50, 50, 54, 54)]
+
+
+def attention_boxes_from_heat(heat: np.ndarray) -> list[tuple[int, int, int, int]]:
+    return select_boxes(region_boxes(heat > otsu_threshold(heat)), heat.shape[0])
+
+
+def test_iou_rules_and_the_crop_limit() -> None:
+    side = 100
+    # nearly the whole image: dropped (IoU with the image >= 0.8)
+    assert select_boxes([(0, 0, 95, 95)], side) == []
+    # overlapping a kept box by IoU > 0.5: dropped; <= 0.5: kept
+    kept = select_boxes([(0, 0, 50, 50), (5, 5, 50, 50), (25, 0, 75, 50)], side)
+    assert kept == [(0, 0, 50, 50), (25, 0, 75, 50)]
+    assert iou((0, 0, 50, 50), (25, 0, 75, 50)) == 1 / 3
+    many = [(i * 10, 0, i * 10 + 8, 8) for i in range(7)]
+    assert len(select_boxes(many, side)) == MAX_CROPS
+    for a in kept:
+        assert iou(a, (0, 0, side, side)) < 0.8
+        assert all(iou(a, b) <= 0.5 for b in kept if b != a)
+
+
+def test_coarse_map_is_upsampled_to_the_input() -> None:
+    activation_map = np.zeros((8, 8))
+    activation_map[0:2, 6:8] = 1.0  # top-right corner of an 8x8 map
+    (box,) = attention_boxes(activation_map, 64)
+    x0, y0, x1, y1 = box
+    assert x0 >= 40 and x1 == 64 and y0 == 0 and y1 <= 24
+
+
+def test_input_boxes_map_back_through_resize_and_centre_crop() -> None:
+    tf = Transform(resize=100, crop=80, mean=(0.5,) * 3, std=(0.5,) * 3)
+    # a 400x200 image: scale 0.5 → 200x100, crop 80 leaves margins of 60 (x) and 10 (y)
+    assert input_box_to_image((0, 0, 80, 80), 400, 200, tf) == (120, 20, 280, 180)
+    assert input_box_to_image((10, 10, 20, 20), 400, 200, tf) == (140, 40, 160, 60)
+    identity = Transform(resize=64, crop=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert input_box_to_image((3, 4, 30, 40), 64, 64, identity) == (3, 4, 30, 40)
+
+
+def test_reranking_mixes_images_and_crops_by_activation() -> None:
+    images = [Candidate(0, r, f"i{r}", None, a) for r, a in [(1, 5.0), (2, 3.0), (3, 1.0)]]
+    crops = [Candidate(0, 2, "i2", (0, 0, 4, 4), 4.0), Candidate(0, 1, "i1", (1, 1, 5, 5), 5.0)]
+    ranked = _ranked(images + crops, 3)
+    assert [(c.row, c.box) for c in ranked] == [(1, None), (1, (1, 1, 5, 5)), (2, (0, 0, 4, 4))]

@@ -1,0 +1,111 @@
+"""Attention crops (Describe-and-Dissect): where in an image a neuron fires, as boxes.
+
+The neuron's spatial map is upsampled to the model's input, thresholded with Otsu's method, and
+the bounding boxes of its connected regions, largest first, become crops: at most 4 per image, a
+box kept only if its IoU with every kept box is at most 0.5 and its IoU with the whole image is
+below 0.8 (a crop that is nearly the whole image adds nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from neuroscribe.config import Transform
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), pixels
+
+MAX_CROPS = 4
+MAX_IOU_WITH_KEPT = 0.5
+MAX_IOU_WITH_IMAGE = 0.8
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """The threshold that maximises the between-class variance of `values`."""
+    flat = values.astype(np.float64).ravel()
+    lo, hi = float(flat.min()), float(flat.max())
+    if hi <= lo:
+        return hi
+    counts, edges = np.histogram(flat, bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(counts)
+    weight_high = weight_low[-1] - weight_low
+    mass_low = np.cumsum(counts * centres)
+    mean_low = mass_low / np.maximum(weight_low, 1)
+    mean_high = (mass_low[-1] - mass_low) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(edges[1:][int(np.argmax(between))])
+
+
+def iou(a: Box, b: Box) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
+
+
+def region_boxes(mask: np.ndarray) -> list[Box]:
+    """Bounding boxes of the connected regions of a boolean mask, largest box area first."""
+    labels, _ = ndimage.label(mask)
+    boxes = [
+        (int(s[1].start), int(s[0].start), int(s[1].stop), int(s[0].stop))
+        for s in ndimage.find_objects(labels)
+        if s is not None
+    ]
+    return sorted(boxes, key=lambda b: (-(b[2] - b[0]) * (b[3] - b[1]), b))
+
+
+def select_boxes(boxes: Sequence[Box], side: int) -> list[Box]:
+    """Apply the paper's rules to candidate boxes (largest first) on a side x side input."""
+    whole = (0, 0, side, side)
+    kept: list[Box] = []
+    for box in boxes:
+        if len(kept) == MAX_CROPS:
+            break
+        if iou(box, whole) >= MAX_IOU_WITH_IMAGE:
+            continue
+        if all(iou(box, k) <= MAX_IOU_WITH_KEPT for k in kept):
+            kept.append(box)
+    return kept
+
+
+def upsample(activation_map: np.ndarray, side: int) -> np.ndarray:
+    """Bilinear upsampling of an [h, w] map to [side, side] (the model's input)."""
+    import torch
+
+    tensor = torch.as_tensor(activation_map, dtype=torch.float32)[None, None]
+    out = torch.nn.functional.interpolate(
+        tensor, size=(side, side), mode="bilinear", align_corners=False
+    )
+    return out[0, 0].numpy()
+
+
+def attention_boxes(activation_map: np.ndarray, side: int) -> list[Box]:
+    """Crop boxes, in model-input pixels, where the neuron's map is above its Otsu threshold."""
+    heat = upsample(activation_map, side)
+    mask = heat > otsu_threshold(heat)
+    return select_boxes(region_boxes(mask), side)
+
+
+def input_box_to_image(box: Box, width: int, height: int, tf: Transform) -> Box:
+    """Map a box on the model input (resize shorter side, then centre crop) back to the image."""
+    scale = tf.resize / min(width, height)
+    resized_w, resized_h = round(width * scale), round(height * scale)
+    left = (resized_w - tf.crop) / 2
+    top = (resized_h - tf.crop) / 2
+    x0, y0, x1, y1 = box
+    image_box = (
+        int(np.floor((x0 + left) / scale)),
+        int(np.floor((y0 + top) / scale)),
+        int(np.ceil((x1 + left) / scale)),
+        int(np.ceil((y1 + top) / scale)),
+    )
+    return (
+        max(0, image_box[0]),
+        max(0, image_box[1]),
+        min(width, image_box[2]),
+        min(height, image_box[3]),
+    )
