@@ -1,8 +1,9 @@
 """Captioner role: text for an exemplar (a whole image or a crop box of it).
 
 Backends share one interface, `caption(requests) -> captions`, and an `id` used in cache keys.
-`annotations` reads the probe set's own annotations (the demo world ships them); BLIP comes with
-the Describe-and-Dissect stages.
+`annotations` reads the probe set's own annotations (the demo world ships them); `blip` captions
+the pixels with BLIP or BLIP-2 (Describe-and-Dissect). `CachedCaptioner` puts any backend behind
+the shared disk cache.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
+from PIL import Image
 
-from neuroscribe.probe import image_id
+from neuroscribe.cache import DiskCache, cache_key
+from neuroscribe.probe import image_id, load_rgb
 from neuroscribe.world import BACKGROUND_WORDS, TEXTURE_WORDS
 
 # an object counts as inside a crop when at least this share of its box lies in the crop
@@ -85,3 +88,179 @@ class AnnotationCaptioner:
         if not inside:
             return f"{BACKGROUND_WORDS[row['background']]} background"
         return " and ".join(f"a {_phrase(o)}" for o in inside)
+
+
+class Captioner(Protocol):
+    """What every captioner backend offers: an `id` for cache keys and batched `caption`."""
+
+    @property
+    def id(self) -> str: ...
+
+    def caption(self, requests: Sequence[CaptionRequest]) -> list[str]: ...
+
+
+# config model_type values that need the BLIP-2 classes (Q-Former + a language model)
+BLIP2_MODEL_TYPES = frozenset({"blip-2", "blip_2"})
+
+
+def crop_image(image: Image.Image, box: tuple[int, int, int, int] | None) -> Image.Image:
+    """The exemplar's pixels: the whole image, or the box clipped to the image."""
+    if box is None:
+        return image
+    width, height = image.size
+    x0, y0, x1, y1 = (int(v) for v in box)
+    # clip rather than let PIL pad with black: a box mapped back from the model input by rounding
+    # can overshoot the image by a pixel
+    x0, x1 = max(0, min(x0, width)), max(0, min(x1, width))
+    y0, y1 = max(0, min(y0, height)), max(0, min(y1, height))
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"crop box {box} is empty inside a {width}x{height} image")
+    return image.crop((x0, y0, x1, y1))
+
+
+class BlipCaptioner:
+    """The `blip` backend: BLIP (or BLIP-2) captions for each exemplar image or crop.
+
+    `model` is a hub id or a local folder; a config with model_type "blip-2" loads the BLIP-2
+    classes, anything else BLIP. Requests are batched across the whole call (`batch_size` images
+    per `generate`), so many small per-neuron lists are best passed in one call.
+    """
+
+    def __init__(
+        self,
+        model: str | Path = "Salesforce/blip-image-captioning-large",
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 32,
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+    ) -> None:
+        # heavy imports stay here: the annotations backend must not need torch or transformers
+        from transformers import (
+            AutoConfig,
+            Blip2ForConditionalGeneration,
+            Blip2Processor,
+            BlipForConditionalGeneration,
+            BlipProcessor,
+        )
+
+        from neuroscribe.activations import resolve_device, resolve_dtype
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.model_name = str(model)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.num_beams = num_beams
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        config = AutoConfig.from_pretrained(self.model_name)
+        self.blip2 = config.model_type in BLIP2_MODEL_TYPES
+        processor_cls = Blip2Processor if self.blip2 else BlipProcessor
+        model_cls = Blip2ForConditionalGeneration if self.blip2 else BlipForConditionalGeneration
+        self.processor = processor_cls.from_pretrained(self.model_name)
+        self.model = model_cls.from_pretrained(self.model_name, dtype=self.dtype)
+        self.model.to(self.device).eval()
+
+    @property
+    def id(self) -> str:
+        # everything that changes the text of a caption, so a cache never mixes settings
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"blip:{self.model_name}:dtype={dtype}:max_new_tokens={self.max_new_tokens}"
+            f":num_beams={self.num_beams}"
+        )
+
+    def caption(self, requests: Sequence[CaptionRequest]) -> list[str]:
+        captions: list[str] = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            # several crops of one image in a batch read the file once
+            images: dict[str, Image.Image] = {}
+            for r in chunk:
+                if r.path not in images:
+                    images[r.path] = load_rgb(r.path)
+            captions.extend(self.generate([crop_image(images[r.path], r.box) for r in chunk]))
+        return captions
+
+    def generate(self, images: Sequence[Image.Image]) -> list[str]:
+        """Captions for one batch of RGB images."""
+        import torch
+
+        inputs = self.processor(images=list(images), return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
+        with torch.inference_mode():
+            out = self.model.generate(
+                pixel_values=pixel_values,
+                max_new_tokens=self.max_new_tokens,
+                num_beams=self.num_beams,
+            )
+        if self.blip2 and not self.model.config.text_config.is_encoder_decoder:
+            # a decoder-only language model returns its prompt (image tokens + bos) first
+            out = out[:, self.model.config.num_query_tokens + 1 :]
+        texts = self.processor.batch_decode(out, skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+
+@dataclass
+class CaptionStats:
+    """Counts over the life of a CachedCaptioner (all calls together)."""
+
+    requests: int = 0  # requests received
+    unique: int = 0  # distinct (image, box) keys among them, per call
+    cache_hits: int = 0  # distinct keys answered from the cache
+    captioned: int = 0  # images actually sent to the wrapped captioner
+
+
+class CachedCaptioner:
+    """Any captioner behind a DiskCache: each (captioner id, image, box) is captioned once, ever.
+
+    Identical requests within a call (an exemplar shared by several neurons) are captioned once;
+    the misses go to the wrapped captioner in calls of up to `chunk_size` (one call for most
+    uses), and each call's captions are stored before the next, so a killed job keeps them.
+    """
+
+    def __init__(self, captioner: Captioner, cache: DiskCache, chunk_size: int = 1024) -> None:
+        self.captioner = captioner
+        self.cache = cache
+        self.chunk_size = chunk_size
+        self.stats = CaptionStats()
+
+    @property
+    def id(self) -> str:
+        return self.captioner.id
+
+    def key(self, request: CaptionRequest) -> str:
+        # the path is left out: image ids are already stable across machines, paths are not
+        box = None if request.box is None else [int(v) for v in request.box]
+        return cache_key({"captioner": self.captioner.id, "image_id": request.image_id, "box": box})
+
+    def caption(self, requests: Sequence[CaptionRequest]) -> list[str]:
+        keys = [self.key(r) for r in requests]
+        unique: dict[str, CaptionRequest] = {}
+        for k, r in zip(keys, requests, strict=True):
+            unique.setdefault(k, r)
+        found: dict[str, str] = {}
+        misses: list[tuple[str, CaptionRequest]] = []
+        for k, r in unique.items():
+            cached = self.cache.get(k)
+            if cached is None:
+                misses.append((k, r))
+            else:
+                found[k] = str(cached)
+        self.stats.requests += len(requests)
+        self.stats.unique += len(unique)
+        self.stats.cache_hits += len(found)
+        for start in range(0, len(misses), self.chunk_size):
+            chunk = misses[start : start + self.chunk_size]
+            captions = self.captioner.caption([r for _, r in chunk])
+            if len(captions) != len(chunk):
+                raise RuntimeError(
+                    f"captioner {self.captioner.id} returned {len(captions)} captions "
+                    f"for {len(chunk)} requests"
+                )
+            for (k, _), text in zip(chunk, captions, strict=True):
+                self.cache.put(k, text)
+                found[k] = text
+            self.stats.captioned += len(chunk)
+        return [found[k] for k in keys]
