@@ -1,0 +1,212 @@
+"""A fake OpenAI-compatible chat server on 127.0.0.1 for tests (stdlib only).
+
+It answers `POST /v1/chat/completions` and `GET /v1/models` with the JSON shapes the real `openai`
+client expects, logs every request body (so tests can count requests), measures how many
+requests are in flight at once, and plays a script of behaviours, one per chat request: a reply,
+an HTTP error (429 with Retry-After, 500, 400), a slow reply, a dropped connection or a garbage
+body. When the script runs out, `default` answers (by default: echo the last user message).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A normal completion; `delay_s` holds the reply back (a slow server)."""
+
+    text: str | None
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Status:
+    """An HTTP error with an OpenAI-style error body, e.g. 429 with `Retry-After`."""
+
+    code: int
+    message: str = "fake error"
+    retry_after: str | None = None
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Read the request, then close the connection without answering."""
+
+
+@dataclass(frozen=True)
+class Garbage:
+    """HTTP 200 whose body is not JSON at all."""
+
+    body: bytes = b"<html>definitely not json"
+
+
+Behaviour = Reply | Status | Drop | Garbage
+
+
+def echo(body: dict[str, Any]) -> Behaviour:
+    users = [m["content"] for m in body.get("messages", []) if m.get("role") == "user"]
+    return Reply(f"echo: {users[-1] if users else ''}")
+
+
+class FakeOpenAI:
+    """Start with `with FakeOpenAI(script) as server:`; `server.base_url` ends in `/v1`."""
+
+    def __init__(
+        self,
+        script: Iterable[Behaviour] = (),
+        default: Callable[[dict[str, Any]], Behaviour] = echo,
+        model: str = "fake-model",
+    ) -> None:
+        self.script: deque[Behaviour] = deque(script)
+        self.default = default
+        self.model = model
+        self.requests: list[dict[str, Any]] = []  # every chat request body, in arrival order
+        self.headers: list[dict[str, str]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._closing = threading.Event()  # cuts slow replies short at shutdown
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None, "server not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def add(self, *behaviours: Behaviour) -> None:
+        with self._lock:
+            self.script.extend(behaviours)
+
+    def _next(self, body: dict[str, Any]) -> Behaviour:
+        with self._lock:
+            if self.script:
+                return self.script.popleft()
+        return self.default(body)
+
+    def start(self) -> FakeOpenAI:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def _send_json(self, code: int, payload: Any, headers: dict[str, str] | None = None):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path.rstrip("/") == "/v1/models":
+                    model = {"id": fake.model, "object": "model", "created": 0, "owned_by": "fake"}
+                    self._send_json(200, {"object": "list", "data": [model]})
+                else:
+                    self._send_json(404, {"error": {"message": "not found", "type": "invalid"}})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                raw = self.rfile.read(length)
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    self._send_json(404, {"error": {"message": "not found", "type": "invalid"}})
+                    return
+                body = json.loads(raw)
+                with fake._lock:
+                    fake.requests.append(body)
+                    fake.headers.append(dict(self.headers.items()))
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    self._answer(body, fake._next(body))
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout); nothing to answer
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
+
+            def _answer(self, body: dict[str, Any], behaviour: Behaviour) -> None:
+                if isinstance(behaviour, Drop):
+                    # shut the socket down under the client: it sees a closed connection, no reply
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                elif isinstance(behaviour, Garbage):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(behaviour.body)))
+                    self.end_headers()
+                    self.wfile.write(behaviour.body)
+                elif isinstance(behaviour, Status):
+                    headers = {}
+                    if behaviour.retry_after is not None:
+                        headers["Retry-After"] = behaviour.retry_after
+                    error = {"message": behaviour.message, "type": "fake_error", "code": None}
+                    self._send_json(behaviour.code, {"error": error}, headers)
+                else:
+                    if behaviour.delay_s:
+                        fake._closing.wait(behaviour.delay_s)
+                    self._send_json(200, fake.completion(body, behaviour.text))
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def completion(self, body: dict[str, Any], text: str | None) -> dict[str, Any]:
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+        completion_tokens = len((text or "").split())
+        return {
+            "id": f"chatcmpl-fake{len(self.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", self.model),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    def stop(self) -> None:
+        self._closing.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextmanager
+def fake_openai(*script: Behaviour, **kwargs: Any) -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(script, **kwargs) as server:
+        yield server
