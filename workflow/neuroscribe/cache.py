@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,18 @@ class DiskCache:
     """`get(key)` / `put(key, value)` of JSON values in one SQLite file.
 
     WAL mode lets readers proceed while one process writes; every `put` commits at once, so a
-    job killed a moment later has still saved what it paid for.
+    job killed a moment later has still saved what it paid for. One instance may be shared by the
+    threads of a process (e.g. concurrent LLM requests): its connection is guarded by a lock.
     """
 
     def __init__(self, path: str | Path, namespace: str) -> None:
         self.path = Path(path)
         self.namespace = namespace
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS entries (namespace TEXT, key TEXT, value TEXT, "
@@ -43,21 +48,24 @@ class DiskCache:
         )
 
     def get(self, key: str) -> Any | None:
-        row = self._db.execute(
-            "SELECT value FROM entries WHERE namespace = ? AND key = ?", (self.namespace, key)
-        ).fetchone()
+        with self._lock:
+            row = self._db.execute(
+                "SELECT value FROM entries WHERE namespace = ? AND key = ?", (self.namespace, key)
+            ).fetchone()
         return None if row is None else json.loads(row[0])
 
     def put(self, key: str, value: Any) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)",
-            (self.namespace, key, json.dumps(value), time.time()),
-        )
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)",
+                (self.namespace, key, json.dumps(value), time.time()),
+            )
 
     def __len__(self) -> int:
-        (count,) = self._db.execute(
-            "SELECT COUNT(*) FROM entries WHERE namespace = ?", (self.namespace,)
-        ).fetchone()
+        with self._lock:
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM entries WHERE namespace = ?", (self.namespace,)
+            ).fetchone()
         return int(count)
 
     def close(self) -> None:

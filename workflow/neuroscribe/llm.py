@@ -432,9 +432,6 @@ class LLMClient:
         self._lock = threading.Lock()
         # bounds calls in flight across all threads using this client, not only chat_many's pool
         self._slots = threading.BoundedSemaphore(max_concurrency)
-        # sqlite connections belong to the thread that opened them: other threads open their own
-        self._owner = threading.get_ident()
-        self._local = threading.local()
 
     def __repr__(self) -> str:
         cache = None if self.cache is None else str(self.cache.path)
@@ -456,18 +453,9 @@ class LLMClient:
     def key(self, request: ChatRequest) -> str:
         return cache_key({"backend": self.backend.id, **asdict(request)})
 
-    def _thread_cache(self) -> DiskCache | None:
-        if self.cache is None or threading.get_ident() == self._owner:
-            return self.cache
-        cache: DiskCache | None = getattr(self._local, "cache", None)
-        if cache is None:
-            cache = DiskCache(self.cache.path, self.cache.namespace)
-            self._local.cache = cache
-        return cache
-
     def chat(self, request: ChatRequest) -> ChatReply:
         key = self.key(request)
-        cache = self._thread_cache()
+        cache = self.cache
         if cache is not None:
             hit = cache.get(key)
             if hit is not None:
