@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import socket
 import threading
 import time
@@ -75,6 +76,13 @@ class FakeOpenAI:
         self.headers: list[dict[str, str]] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        # bodies of the requests whose reply reached a connected client, and of those whose
+        # client was gone (killed) before the reply: a killed job never received those
+        self.answered: list[dict[str, Any]] = []
+        self.abandoned: list[dict[str, Any]] = []
+        # while cleared, replies wait: a test holds requests in flight to kill a client mid-way
+        self.gate = threading.Event()
+        self.gate.set()
         self._lock = threading.Lock()
         self._closing = threading.Event()  # cuts slow replies short at shutdown
         self._server: ThreadingHTTPServer | None = None
@@ -160,7 +168,25 @@ class FakeOpenAI:
                 else:
                     if behaviour.delay_s:
                         fake._closing.wait(behaviour.delay_s)
+                    while not (fake.gate.wait(0.05) or fake._closing.is_set()):
+                        pass
+                    if self._client_gone():
+                        with fake._lock:
+                            fake.abandoned.append(body)
+                        return
                     self._send_json(200, fake.completion(body, behaviour.text))
+                    with fake._lock:
+                        fake.answered.append(body)
+
+            def _client_gone(self) -> bool:
+                # a closed client socket reads as end-of-file; a waiting one has nothing to read
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                if not readable:
+                    return False
+                try:
+                    return self.connection.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    return True
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

@@ -123,7 +123,7 @@ INVALID = [
         _set("chunksize", 3),
         "config: unknown key 'chunksize' (did you mean 'chunk_size'?); allowed keys: batch_size, "
         "captioner, chunk_size, crops, device, dtype, llm, methods, probe, resources, run, "
-        "scoring, shard_size, synthesizer, targets, top_k",
+        "save_every, scoring, shard_size, synthesizer, targets, top_k",
     ),
     (
         _set("targets.0.poolng", "avg"),
@@ -239,6 +239,18 @@ def test_llm_model_defaults_per_backend(monkeypatch: pytest.MonkeyPatch) -> None
     keyless = demo(llm={"backend": "openai", "api_key_env": None, "base_url": "http://h:8000/v1"})
     monkeypatch.delenv("OPENAI_API_KEY")
     assert validate_config(keyless)["llm"]["base_url"] == "http://h:8000/v1"
+
+
+def test_llm_jobs_run_on_the_head_node_only_for_an_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    assert validate_config(demo(llm={"backend": "openai"}))["llm"]["run_on"] == "head"
+    assert validate_config(demo(llm={"backend": "local"}))["llm"]["run_on"] == "compute"
+    in_cluster = demo(
+        llm={"backend": "openai", "base_url": "http://vllm:8000/v1", "run_on": "compute"}
+    )
+    assert validate_config(in_cluster)["llm"]["run_on"] == "compute"
+    with pytest.raises(ConfigError, match=r"'llm\.run_on': `head` would run the local chat model"):
+        validate_config(demo(llm={"backend": "local", "run_on": "head"}))
 
 
 def test_hf_target_rejects_a_weights_file() -> None:

@@ -195,7 +195,7 @@ def extract_shard(
         done += n
     recorder.close()
 
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_path(out) as tmp, h5py.File(tmp, "w", locking=False) as h5:
         h5.create_dataset("rows", data=rows.astype(np.int64))
         h5.create_dataset("image_ids", data=table["image_id"].to_numpy()[rows].astype(ID_DTYPE))
         group = h5.create_group("layers")

@@ -220,7 +220,7 @@ class CachedCaptioner:
     uses), and each call's captions are stored before the next, so a killed job keeps them.
     """
 
-    def __init__(self, captioner: Captioner, cache: DiskCache, chunk_size: int = 1024) -> None:
+    def __init__(self, captioner: Captioner, cache: DiskCache, chunk_size: int = 256) -> None:
         self.captioner = captioner
         self.cache = cache
         self.chunk_size = chunk_size

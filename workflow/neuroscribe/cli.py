@@ -80,6 +80,7 @@ def _exemplars(a: dict[str, Any]) -> None:
         workers=a["workers"],
         device=a["device"],
         dtype=a["dtype"],
+        save_every=a["save_every"],
     )
 
 
@@ -138,6 +139,7 @@ def _scores(a: dict[str, Any]) -> None:
         scoring=a["scoring"],
         top_k=a["top_k"],
         settings=a["settings"],
+        save_every=a["save_every"],
     )
 
 
@@ -165,9 +167,11 @@ def _describe(a: dict[str, Any]) -> None:
 
 
 def _plan(a: dict[str, Any]) -> None:
-    from neuroscribe.plan import format_plan, observe_concepts
+    from neuroscribe.plan import cluster_jobs, format_plan, observe_concepts
 
     plan = observe_concepts(a["plan"], a.get("images_per_concept", 10))
+    if "cluster" in a:
+        plan["cluster"] = cluster_jobs(plan["jobs"], a["cluster"])
     write_json(plan, a["out"])
     print(format_plan(plan))
     print(f"plan written to {a['out']}")

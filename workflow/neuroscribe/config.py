@@ -271,6 +271,14 @@ def _check_roles(config: dict[str, Any], check_paths: bool) -> None:
     llm = config["llm"]
     if llm["model"] is None:
         llm["model"] = DEFAULT_LLM_MODELS[llm["backend"]]
+    if llm["run_on"] == "auto":
+        llm["run_on"] = "head" if llm["backend"] == "openai" else "compute"
+    if llm["run_on"] == "head" and llm["backend"] == "local":
+        raise ConfigError(
+            "config key 'llm.run_on': `head` would run the local chat model on the machine "
+            "running snakemake (a login node); use `compute`, or serve the model (e.g. vLLM) "
+            "and use backend `openai`"
+        )
     if "dnd" not in config["methods"]:
         return
     captioner = config["captioner"]

@@ -8,8 +8,9 @@ is never paid for again, in this job or after a restart.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pandas as pd
 from neuroscribe import roles
 from neuroscribe.cache import DiskCache
 from neuroscribe.captioners import CachedCaptioner, CaptionRequest
+from neuroscribe.progress import ProgressRecord, Resumed, rows_in_parts, write_from_record
 from neuroscribe.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -203,6 +205,25 @@ def _synthetic_activations(
     return out
 
 
+class _Memo:
+    """Features of items (image files, exemplar crops) computed in batches, each item once per
+    job, so an image shared by neurons of several parts of the chunk goes through a model once."""
+
+    def __init__(self, compute: Callable[[list[Any]], np.ndarray]) -> None:
+        self.compute = compute
+        self.rows: dict[Any, int] = {}
+        self.blocks: list[np.ndarray] = []
+
+    def get(self, keys: Sequence[Any]) -> np.ndarray:
+        new = [k for k in dict.fromkeys(keys) if k not in self.rows]
+        if new:
+            self.blocks = [np.concatenate([*self.blocks, np.asarray(self.compute(new))])]
+            self.rows |= {k: len(self.rows) + i for i, k in enumerate(new)}
+        if not keys:
+            return np.empty((0, 0), dtype=np.float32)
+        return self.blocks[0][[self.rows[k] for k in keys]]
+
+
 def score_chunk(
     concepts: str | Path,
     synthesis: str | Path,
@@ -214,69 +235,95 @@ def score_chunk(
     scoring: dict[str, Any],
     top_k: int,
     settings: dict[str, Any],
-) -> None:
-    """Rank every neuron's candidates by its activations on their images (one forward pass for
-    the whole chunk) and by image similarity to its exemplars; the best 3 become its labels."""
-    import torch
-
+    save_every: int = 32,
+) -> Resumed:
+    """Rank every neuron's candidates by its activations on their images and by image
+    similarity to its exemplars; the best 3 become its labels. Neurons are scored `save_every`
+    at a time (each image through the models once per job) and kept in a progress record."""
     from neuroscribe.activations import load_on, resolve_device
     from neuroscribe.scoring import SCORE_KINDS, best_score, ranked, score_candidates
 
     concept_table = pd.read_parquet(concepts)
     synth = pd.read_parquet(synthesis).set_index("concept")
     spec = target.layer(layer)
-    loaded = load_on(target, resolve_device(settings["device"]))
-    paths = sorted({p for images in synth["images"] for p in images})
-    position = {p: i for i, p in enumerate(paths)}
-    acts = _synthetic_activations(paths, target, spec, loaded, settings) if paths else None
-    sim = roles.similarity(scoring["similarity"], loaded, target.transform, settings)
-    synth_emb = _embed_files(sim, [(p, None) for p in paths]) if paths else None
     ex = pd.read_parquet(exemplars).sort_values(["neuron", "rank"])
     probe = pd.read_parquet(manifest, columns=["image_id", "path"]).set_index("image_id")["path"]
-    # exemplars shared by neurons of the chunk are read and embedded once
-    ex_keys = [(i, _box(b)) for i, b in zip(ex["image_id"], ex["box"], strict=True)]
-    distinct = {k: j for j, k in enumerate(dict.fromkeys(ex_keys))}
-    ex_emb = _embed_files(sim, [(probe[i], b) for i, b in distinct])
-    ex_rows = ex.assign(embedding=[distinct[k] for k in ex_keys]).groupby("neuron")["embedding"]
-    rows = []
-    for neuron, cands in zip(concept_table["neuron"], concept_table["candidates"], strict=True):
-        cands = list(cands)
-        row: dict[str, Any] = {"model": target.name, "layer": layer, "neuron": int(neuron)}
-        images = [(c, p) for c, c_i in enumerate(cands) for p in _images_of(synth, c_i)]
-        if not images:
-            rows.append(row | _unscored(cands, "no candidate has images (see concepts/synthesis)"))
-            continue
-        index = np.array([position[p] for _, p in images])
-        owner = np.array([c for c, _ in images])
-        # mean cosine over exemplar-image pairs = (mean exemplar embedding) . image embedding
-        centre = ex_emb[torch.tensor(ex_rows.get_group(neuron).tolist())].mean(dim=0)
-        similarity = (synth_emb[torch.as_tensor(index)] @ centre).cpu().numpy()
-        scores = score_candidates(
-            cands, owner, acts[index, neuron], similarity, scoring["beta"], top_k
-        )
-        best = ranked(scores, scoring["method"])
-        row |= {
-            "status": "ok",
-            "error": None,
-            "label": best[0].concept,
-            "labels": [s.concept for s in best[: scoring["labels"]]],
-            "score": best_score(best[0], scoring["method"]),
-            "score_kind": SCORE_KINDS[scoring["method"]],
-            "candidates": cands,
-            "rank_scores": [s.rank_score for s in scores],
-            "similarities": [s.similarity for s in scores],
-            "combined": [s.combined for s in scores],
-            "n_images": [s.n_images for s in scores],
-            "similarity_model": sim.id,
-        }
-        rows.append(row)
-    log.info(
-        "scores: %d neurons, %d synthesised images through the target once, similarity %s",
-        len(rows),
-        len(paths),
-        sim.id,
+
+    @functools.cache
+    def models() -> tuple[Any, Any]:  # loaded once, and only if some part is left to score
+        loaded = load_on(target, resolve_device(settings["device"]))
+        return loaded, roles.similarity(scoring["similarity"], loaded, target.transform, settings)
+
+    acts = _Memo(lambda paths: _synthetic_activations(paths, target, spec, models()[0], settings))
+    synth_emb = _Memo(
+        lambda paths: _embed_files(models()[1], [(p, None) for p in paths]).cpu().numpy()
     )
-    write_table(pd.DataFrame(rows), out, "scores")
+    # exemplars shared by neurons of the chunk are read and embedded once
+    ex_emb = _Memo(
+        lambda keys: _embed_files(models()[1], [(probe[i], b) for i, b in keys]).cpu().numpy()
+    )
+    candidates = dict(zip(concept_table["neuron"], concept_table["candidates"], strict=True))
+
+    def rows_of(part: list[int]) -> pd.DataFrame:
+        rows = []
+        for neuron in part:
+            cands = list(candidates[neuron])
+            row: dict[str, Any] = {"model": target.name, "layer": layer, "neuron": int(neuron)}
+            images = [(c, p) for c, c_i in enumerate(cands) for p in _images_of(synth, c_i)]
+            if not images:
+                rows.append(
+                    row | _unscored(cands, "no candidate has images (see concepts/synthesis)")
+                )
+                continue
+            paths = [p for _, p in images]
+            owner = np.array([c for c, _ in images])
+            mine = ex[ex["neuron"] == neuron]
+            keys = [(i, _box(b)) for i, b in zip(mine["image_id"], mine["box"], strict=True)]
+            # mean cosine over exemplar-image pairs = (mean exemplar embedding) . image embedding
+            similarity = synth_emb.get(paths) @ ex_emb.get(keys).mean(axis=0)
+            scores = score_candidates(
+                cands, owner, acts.get(paths)[:, neuron], similarity, scoring["beta"], top_k
+            )
+            best = ranked(scores, scoring["method"])
+            rows.append(
+                row
+                | {
+                    "status": "ok",
+                    "error": None,
+                    "label": best[0].concept,
+                    "labels": [s.concept for s in best[: scoring["labels"]]],
+                    "score": best_score(best[0], scoring["method"]),
+                    "score_kind": SCORE_KINDS[scoring["method"]],
+                    "candidates": cands,
+                    "rank_scores": [s.rank_score for s in scores],
+                    "similarities": [s.similarity for s in scores],
+                    "combined": [s.combined for s in scores],
+                    "n_images": [s.n_images for s in scores],
+                    "similarity_model": models()[1].id,
+                }
+            )
+        return pd.DataFrame(rows)
+
+    args = {
+        "target": target.to_dict(),
+        "layer": layer,
+        "scoring": scoring,
+        "top_k": top_k,
+        "device": settings["device"],
+        "dtype": settings["dtype"],
+        "save_every": save_every,
+    }
+    record = ProgressRecord.beside(out, args, [concepts, synthesis, exemplars, manifest])
+    neurons = [int(n) for n in concept_table["neuron"]]
+    table, resumed = rows_in_parts(neurons, save_every, record, rows_of, "scores")
+    write_from_record(table, out, record)
+    log.info(
+        "scores: %d neurons, %d synthesised and %d exemplar images through the models",
+        len(neurons),
+        len(acts.rows),
+        len(ex_emb.rows),
+    )
+    return resumed
 
 
 def _images_of(synth: pd.DataFrame, concept: str) -> list[str]:

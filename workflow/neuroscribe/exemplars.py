@@ -9,9 +9,11 @@ images and crops. Crops are stored as boxes; pixels are re-read when needed.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -19,7 +21,7 @@ import pandas as pd
 
 from neuroscribe.config import LayerSpec, TargetSpec
 from neuroscribe.crops import Box, attention_boxes, input_box_to_image
-from neuroscribe.tables import write_table
+from neuroscribe.progress import ProgressRecord, Resumed, rows_in_parts, write_from_record
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +62,18 @@ def _crop_candidates(
     manifest: pd.DataFrame,
     target: TargetSpec,
     layer: LayerSpec,
+    loaded: Any,
     batch_size: int,
     workers: int,
-    device: str,
-    dtype: str,
+    compute_dtype: Any,
 ) -> list[list[Candidate]] | None:
     """Attention crops of every neuron's top images, scored; None for a layer without maps."""
     import torch
 
-    from neuroscribe.activations import (
-        ProbeImages,
-        forward_batches,
-        load_on,
-        resolve_device,
-        resolve_dtype,
-    )
+    from neuroscribe.activations import ProbeImages, forward_batches
     from neuroscribe.models import LayerRecorder
 
-    dev = resolve_device(device)
-    compute_dtype = resolve_dtype(dtype, dev)
-    loaded = load_on(target, dev)
+    dev = next(loaded.module.parameters()).device
     channels = [group[0].neuron for group in images]
     rows = sorted({c.row for group in images for c in group})
     position = {row: i for i, row in enumerate(rows)}
@@ -163,29 +157,57 @@ def chunk_exemplars(
     workers: int = 2,
     device: str = "auto",
     dtype: str = "auto",
-) -> None:
-    """One row per (neuron, rank): the top-K of its images and attention crops."""
-    images = _top_images(layer_h5, neurons)
+    save_every: int = 32,
+) -> Resumed:
+    """One row per (neuron, rank): the top-K of its images and attention crops. Neurons are done
+    `save_every` at a time and kept in a progress record, so a killed job resumes."""
+    from neuroscribe.activations import load_on, resolve_device, resolve_dtype
+
     spec = target.layer(layer)
-    scored = None
+    probe = None
     if crops:
         probe = pd.read_parquet(manifest, columns=["image_id", "path", "width", "height"])
-        scored = _crop_candidates(images, probe, target, spec, batch_size, workers, device, dtype)
-    rows = []
-    for j, group in enumerate(images):
-        pool = group + (scored[j] if scored is not None else [])
-        for rank, cand in enumerate(_ranked(pool, top_k)):
-            rows.append(
-                {
-                    "model": target.name,
-                    "layer": layer,
-                    "neuron": cand.neuron,
-                    "rank": rank,
-                    "image_id": cand.image_id,
-                    "row": cand.row,
-                    "box": None if cand.box is None else list(cand.box),
-                    "activation": cand.activation,
-                }
+    dev = resolve_device(device)
+
+    @functools.cache
+    def model() -> Any:  # loaded once, and only if some part is left to compute
+        return load_on(target, dev)
+
+    def rows_of(part: list[int]) -> pd.DataFrame:
+        images = _top_images(layer_h5, part)
+        scored = None
+        if probe is not None:
+            scored = _crop_candidates(
+                images, probe, target, spec, model(), batch_size, workers, resolve_dtype(dtype, dev)
             )
-    write_table(pd.DataFrame(rows), out, "exemplars")
+        rows = []
+        for j, group in enumerate(images):
+            pool = group + (scored[j] if scored is not None else [])
+            for rank, cand in enumerate(_ranked(pool, top_k)):
+                rows.append(
+                    {
+                        "model": target.name,
+                        "layer": layer,
+                        "neuron": cand.neuron,
+                        "rank": rank,
+                        "image_id": cand.image_id,
+                        "row": cand.row,
+                        "box": None if cand.box is None else list(cand.box),
+                        "activation": cand.activation,
+                    }
+                )
+        return pd.DataFrame(rows)
+
+    args = {
+        "target": target.to_dict(),
+        "layer": layer,
+        "neurons": list(neurons),
+        "top_k": top_k,
+        "crops": crops,
+        "save_every": save_every,
+    }
+    record = ProgressRecord.beside(out, args, [layer_h5, manifest])
+    table, resumed = rows_in_parts(neurons, save_every, record, rows_of, "exemplars")
+    write_from_record(table, out, record)
     log.info("%s/%s: exemplars of %d neurons", target.name, layer, len(neurons))
+    return resumed

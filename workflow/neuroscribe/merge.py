@@ -69,7 +69,7 @@ def merge_layer(
         ids = np.concatenate([h["image_ids"][:] for h in handles])
         n_images = len(rows)
         k = min(top_k, n_images)
-        with atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
+        with atomic_path(out) as tmp, h5py.File(tmp, "w", locking=False) as h5:
             matrix = h5.create_dataset(
                 "activations",
                 shape=(n_images, n_neurons),

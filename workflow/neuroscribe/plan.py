@@ -125,6 +125,57 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def cluster_jobs(jobs: dict[str, int], cluster: dict[str, Any]) -> dict[str, Any]:
+    """The jobs a run submits to the cluster, per stage or group of stages, with the executor
+    and profile of this invocation: local rules submit none, and a group submits one job per
+    `group-components` of its connected parts (one per chunk for the chunk groups)."""
+    view: dict[str, Any] = {"executor": cluster["executor"], "remote": cluster["remote"]}
+    if not cluster["remote"]:
+        return view
+    submitted: dict[str, int] = {}
+    grouped: dict[str, list[str]] = {}
+    on_head = []
+    for stage in sorted(jobs, key=_stage_order):
+        group = cluster["groups"].get(stage)
+        if stage in cluster["local"]:
+            on_head.append(stage)
+        elif group:
+            grouped.setdefault(group, []).append(stage)
+        else:
+            submitted[stage] = jobs[stage]
+    for group, stages in grouped.items():
+        parts = max(jobs[s] for s in stages)
+        per_job = cluster["group_components"].get(group, 1)
+        submitted[f"{group}: {'+'.join(stages)}"] = -(-parts // per_job)
+    return view | {
+        "submitted": submitted,
+        "total": sum(submitted.values()),
+        "on_head": on_head,
+        "group_components": {g: cluster["group_components"].get(g, 1) for g in grouped},
+    }
+
+
+def _stage_order(stage: str) -> int:
+    return STAGES.index(stage) if stage in STAGES else len(STAGES)
+
+
+def _format_cluster(cluster: dict[str, Any]) -> list[str]:
+    if not cluster["remote"]:
+        return [
+            f"  executor {cluster['executor']}: every job runs on this machine; "
+            "`snakemake plan --profile profiles/slurm` counts the SLURM jobs"
+        ]
+    per_job = ", ".join(f"{g}: {n} chunk(s)" for g, n in cluster["group_components"].items())
+    lines = [f"  {cluster['executor']} jobs submitted with this profile (per job: {per_job}):"]
+    width = max(len(name) for name in cluster["submitted"])
+    for name, count in cluster["submitted"].items():
+        lines.append(f"    {name:<{width}} {count:>7}")
+    lines.append(f"    {'total':<{width}} {cluster['total']:>7}")
+    if cluster["on_head"]:
+        lines.append(f"    on the head node, not submitted: {', '.join(cluster['on_head'])}")
+    return lines
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     """A readable summary of `build_plan`'s result."""
     probe = plan["probe"]
@@ -145,12 +196,12 @@ def format_plan(plan: dict[str, Any]) -> str:
             )
     lines.append(f"  total: {plan['neurons']} neurons")
     lines.append("  jobs per stage:")
-    for stage in sorted(
-        plan["jobs"], key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES)
-    ):
+    for stage in sorted(plan["jobs"], key=_stage_order):
         count = plan["jobs"][stage]
         lines.append(f"    {stage:<20} {count:>7}")
     lines.append(f"    {'total':<20} {plan['total_jobs']:>7}")
+    if "cluster" in plan:
+        lines += _format_cluster(plan["cluster"])
     estimates = plan["estimates"]
     lines.append(f"  target forward passes: {estimates['target_forward_images']} images")
     if "exemplars_to_caption" in estimates:

@@ -162,6 +162,49 @@ def synthesizer_gpus():
     return stage_resource("synthesis", "gpus")
 
 
+def concepts_on_head():
+    """Concept jobs run where snakemake runs when the LLM API is not reachable from the nodes."""
+    return "dnd" in config["methods"] and config["llm"]["run_on"] == "head"
+
+
+def llm_args():
+    # where the job runs is not part of what it computes: moving it must not rerun it
+    return {k: v for k, v in config["llm"].items() if k != "run_on"}
+
+
+# On a cluster each chunk is two jobs, not five: `propose` (exemplars, captions, concepts) and
+# `select` (synthesis, scores); profiles/slurm packs several chunks into one job per group.
+CHUNK_GROUPS = {
+    "exemplars": "propose",
+    "captions": "propose",
+    "concepts": "propose",
+    "synthesis": "select",
+    "scores": "select",
+}
+
+
+def chunk_group(stage):
+    if stage == "concepts" and concepts_on_head():
+        return None
+    return CHUNK_GROUPS[stage]
+
+
+def cluster_view():
+    """How this invocation runs jobs (executor, groups, local rules), for the plan's count of
+    submitted jobs; read while the DAG is built, once the profile has been applied."""
+    plugin = workflow.executor_plugin
+    rules = {r.name: r for r in workflow.rules}
+    return {
+        "executor": plugin.name if plugin is not None else "local",
+        "remote": not workflow.local_exec,
+        "groups": {
+            name: r.group for name, r in rules.items() if isinstance(r.group, str)
+        },
+        "local": [name for name, r in rules.items() if workflow.is_local(r)],
+        "group_components": dict(workflow.group_settings.group_components),
+    }
+
+
 def method_outputs():
     """Per-chunk outputs of the enabled methods, so a deleted one is recomputed."""
     if "dnd" not in config["methods"]:

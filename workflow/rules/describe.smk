@@ -39,11 +39,13 @@ rule plan:
     conda:
         CPU_ENV
     params:
-        args=as_json(
+        # a function: the executor and profile are known only once the DAG is built
+        args=lambda w: as_json(
             {
                 "plan": build_plan(LAYOUT, config),
                 "out": f"{RESULTS}/plan.json",
                 "images_per_concept": config["synthesizer"]["images_per_concept"],
+                "cluster": cluster_view(),
             }
         ),
     shell:

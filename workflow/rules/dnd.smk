@@ -12,6 +12,8 @@ rule captions:
         f"{RESULTS}/logs/captions/{{model}}/{{layer}}/{{chunk}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/captions/{{model}}/{{layer}}/{{chunk}}.tsv"
+    group:
+        chunk_group("captions")
     conda:
         GPU_ENV
     threads: stage_resource("captions", "cpus")
@@ -45,6 +47,10 @@ rule concepts:
         f"{RESULTS}/logs/concepts/{{model}}/{{layer}}/{{chunk}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/concepts/{{model}}/{{layer}}/{{chunk}}.tsv"
+    group:
+        chunk_group("concepts")
+    # an API the compute nodes cannot reach is called from the head node (llm.run_on)
+    localrule: concepts_on_head()
     conda:
         GPU_ENV
     threads: stage_resource("concepts", "cpus")
@@ -59,7 +65,7 @@ rule concepts:
             {
                 "captions": input[0],
                 "out": output[0],
-                "llm": config["llm"],
+                "llm": llm_args(),
                 "cache": f"{RESULTS}/cache/llm.sqlite",
                 "device": config["device"],
                 "dtype": config["dtype"],
@@ -78,6 +84,8 @@ rule synthesis:
         f"{RESULTS}/logs/synthesis/{{model}}/{{layer}}/{{chunk}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/synthesis/{{model}}/{{layer}}/{{chunk}}.tsv"
+    group:
+        chunk_group("synthesis")
     conda:
         GPU_ENV
     threads: stage_resource("synthesis", "cpus")
@@ -113,6 +121,8 @@ rule scores:
         f"{RESULTS}/logs/scores/{{model}}/{{layer}}/{{chunk}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/scores/{{model}}/{{layer}}/{{chunk}}.tsv"
+    group:
+        chunk_group("scores")
     conda:
         GPU_ENV
     threads: stage_resource("scores", "cpus")
@@ -132,6 +142,7 @@ rule scores:
                 "layer": w.layer,
                 "scoring": config["scoring"],
                 "top_k": config["top_k"],
+                "save_every": config["save_every"],
                 "settings": {
                     "batch_size": config["batch_size"],
                     "workers": threads,

@@ -9,6 +9,8 @@ rule exemplars:
         f"{RESULTS}/logs/exemplars/{{model}}/{{layer}}/{{chunk}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/exemplars/{{model}}/{{layer}}/{{chunk}}.tsv"
+    group:
+        chunk_group("exemplars")
     conda:
         GPU_ENV
     threads: stage_resource("exemplars", "cpus")
@@ -27,6 +29,7 @@ rule exemplars:
                 "out": output[0],
                 "top_k": config["top_k"],
                 "crops": config["crops"],
+                "save_every": config["save_every"],
                 "batch_size": config["batch_size"],
                 "workers": threads,
                 "device": config["device"],
