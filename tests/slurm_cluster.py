@@ -48,6 +48,33 @@ class Cluster:
         ).stdout
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
+    def jobs(self) -> list[SlurmJob]:
+        """Jobs squeue knows, with the rule or group each runs (from the plugin's comment)."""
+        out = subprocess.run(
+            ["squeue", "-h", "-o", "%i|%k|%T"], capture_output=True, text=True, check=True
+        ).stdout
+        jobs = []
+        for line in out.splitlines():
+            job_id, comment, state = line.split("|")
+            rule = comment.removeprefix("rule_").split("_wildcards_")[0]
+            jobs.append(SlurmJob(job_id, rule, state))
+        return jobs
+
+    def kill(self, job_id: str) -> None:
+        """SIGKILL every process of the job, batch script included (a node lost mid-job)."""
+        subprocess.run(["scancel", "--signal=KILL", "--full", job_id], check=True)
+
+    def requeue(self, job_id: str) -> None:
+        """Put a running job back in the queue, as preemption with requeue does."""
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    id: str
+    rule: str  # a rule name, or a group's name followed by its rules ("propose_captions_...")
+    state: str
+
 
 def _node_memory_mb() -> int:
     total_kb = next(

@@ -72,12 +72,24 @@ def test_a_record_from_other_settings_or_inputs_is_discarded(tmp_path: Path, cha
     if change == "args":
         later = ProgressRecord.beside(out, {"k": 2}, [source])
     else:
-        time.sleep(0.01)
         source.write_text("rewritten by its stage")
         later = ProgressRecord.beside(out, {"k": 1}, [source])
     seen: list[list[int]] = []
     _, resumed = rows_in_parts([0, 1], 2, later, lambda p: seen.append(p) or _rows(p), "exemplars")
     assert seen == [[0, 1]] and resumed.from_record == 0
+
+
+def test_an_input_rewritten_with_the_same_contents_keeps_the_record(tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("x")
+    first = ProgressRecord.beside(tmp_path / "0000.parquet", {"k": 1}, [source])
+    first.open()
+    first.save(0, to_arrow(_rows([0, 1]), "exemplars"))
+    source.unlink()
+    source.write_text("x")  # its upstream job ran again after a preemption
+    later = ProgressRecord.beside(tmp_path / "0000.parquet", {"k": 1}, [source])
+    _, resumed = rows_in_parts([0, 1], 2, later, lambda p: pytest.fail("recomputed"), "exemplars")
+    assert resumed.from_record == 2
 
 
 def _config(workdir: Path) -> Path:

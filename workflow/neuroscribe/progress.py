@@ -9,6 +9,7 @@ discarded, never reused. It is removed once the output is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -39,9 +40,18 @@ class Resumed:
     computed: int
 
 
+def _file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _fingerprint(args: dict[str, Any], inputs: Sequence[str | Path]) -> str:
-    # size and modification time: a rewritten input (its stage ran again) voids the record
-    files = {str(p): [Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in inputs}
+    # contents, not times: an upstream job that ran again and wrote the same table (a rerun
+    # after preemption) keeps the record; different contents void it
+    files = {str(p): _file_digest(p) for p in inputs}
     return cache_key({"args": args, "inputs": files})
 
 
