@@ -3,8 +3,9 @@
 Builds a config whose target has `--neurons` neurons across `--layers` layers (a python: model
 of wide Linear layers, inspected on the meta device like any target, so no weights are made),
 with Describe-and-Dissect on, at the default chunk size, and times a dry run of the real
-Snakefile in a fresh process. Prints wall seconds, peak memory (max RSS of the snakemake
-process) and the jobs it plans, per rule.
+Snakefile under profiles/slurm in a fresh process. Prints wall seconds, peak memory (max RSS
+of the snakemake process), the jobs it plans per rule, and the SLURM jobs they make with the
+profile's groups.
 
     .venv/bin/python benchmarks/planning.py                 # 100,000 neurons, 4 layers
 """
@@ -89,6 +90,8 @@ def main() -> None:
             str(root),
             "--configfile",
             str(config),
+            "--profile",  # the cluster's: its groups are part of the DAG it builds
+            str(REPO / "profiles" / "slurm"),
         ]
         for label in ("first (inspects the model)", "again (inspection cached)"):
             start = time.perf_counter()
@@ -109,8 +112,31 @@ def main() -> None:
                 f"for {width * args.layers} neurons and {args.images} probe files"
             )
         print("  jobs per rule: " + ", ".join(f"{k} {v}" for k, v in jobs.items()))
+        slurm = slurm_jobs(jobs)
+        print(
+            f"  SLURM jobs with profiles/slurm: {slurm['total']} ("
+            + ", ".join(f"{k} {v}" for k, v in slurm["submitted"].items())
+            + ")"
+        )
         ok = wall <= 30 and peak_mb <= 2048
         print(f"  target <= 30 s and <= 2 GB: {'met' if ok else 'NOT met'}")
+
+
+def slurm_jobs(jobs: dict[str, int]) -> dict:
+    """What `snakemake plan --profile profiles/slurm` reports for these jobs (the same count,
+    without needing a SLURM cluster to run the plan target)."""
+    from neuroscribe.fanout import CHUNK_GROUPS
+    from neuroscribe.plan import cluster_jobs
+
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "profile.yaml").read_text())
+    cluster = {
+        "executor": "slurm",
+        "remote": True,
+        "groups": CHUNK_GROUPS,
+        "local": ["all", "render_demo_probe", "evaluate_demo", "plan"],
+        "group_components": profile["group-components"],
+    }
+    return cluster_jobs(jobs, cluster)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,16 @@ from neuroscribe.config import (
 from neuroscribe.inspection import check_layers, inspect_target, output_layer
 from neuroscribe.probe import count_candidates
 
+# On a cluster each chunk is two jobs, not five: `propose` (exemplars, captions, concepts) and
+# `select` (synthesis, scores); profiles/slurm packs several chunks into one job per group.
+CHUNK_GROUPS = {
+    "exemplars": "propose",
+    "captions": "propose",
+    "concepts": "propose",
+    "synthesis": "select",
+    "scores": "select",
+}
+
 
 def trained_weights(results: str, model: str) -> str:
     """Where the workflow writes the weights of a target it trains itself."""

@@ -1,6 +1,6 @@
 import json
 
-from neuroscribe.fanout import build_layout
+from neuroscribe.fanout import CHUNK_GROUPS, build_layout
 from neuroscribe.plan import build_plan
 from neuroscribe.probe import demo_folder
 
@@ -170,17 +170,6 @@ def concepts_on_head():
 def llm_args():
     # where the job runs is not part of what it computes: moving it must not rerun it
     return {k: v for k, v in config["llm"].items() if k != "run_on"}
-
-
-# On a cluster each chunk is two jobs, not five: `propose` (exemplars, captions, concepts) and
-# `select` (synthesis, scores); profiles/slurm packs several chunks into one job per group.
-CHUNK_GROUPS = {
-    "exemplars": "propose",
-    "captions": "propose",
-    "concepts": "propose",
-    "synthesis": "select",
-    "scores": "select",
-}
 
 
 def chunk_group(stage):
