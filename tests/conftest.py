@@ -50,11 +50,9 @@ def job_env() -> dict[str, str]:
     return workflow_env()
 
 
-def run_snakemake(
-    workdir: Path, configfile: Path, *args: str, env: dict[str, str], check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """The real Snakefile through the snakemake CLI, in `workdir`."""
-    cmd = [
+def snakemake_command(workdir: Path, configfile: Path, *args: str) -> list[str]:
+    """The snakemake CLI running the real Snakefile in `workdir`."""
+    return [
         str(Path(sys.executable).parent / "snakemake"),
         "--snakefile",
         str(REPO / "Snakefile"),
@@ -66,6 +64,13 @@ def run_snakemake(
         "2",
         *args,
     ]
+
+
+def run_snakemake(
+    workdir: Path, configfile: Path, *args: str, env: dict[str, str], check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """The real Snakefile through the snakemake CLI, in `workdir`."""
+    cmd = snakemake_command(workdir, configfile, *args)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

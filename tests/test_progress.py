@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake, workflow_env
+from conftest import REPO, run_snakemake, snakemake_command, workflow_env
 from neuroscribe.progress import ProgressRecord, rows_in_parts, write_from_record
 from neuroscribe.tables import to_arrow
 
@@ -128,17 +127,7 @@ def test_chunk_jobs_killed_part_way_resume_where_they_stopped(tmp_path: Path) ->
     run_snakemake(tmp_path, config, env=env)
     results = tmp_path / "results" / "demo"
     undisturbed = pd.read_parquet(results / "descriptions.parquet")
-    cmd = [
-        str(Path(sys.executable).parent / "snakemake"),
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(tmp_path),
-        "--configfile",
-        str(config),
-        "--cores",
-        "2",
-    ]
+    cmd = snakemake_command(tmp_path, config)
     for stage in ("exemplars", "scores"):
         out = results / stage / "shapenet" / "conv3" / "0000.parquet"
         out.unlink()

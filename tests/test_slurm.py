@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ import yaml
 from fake_openai import FakeOpenAI, Reply, fake_openai, labeller
 from slurm_cluster import PARTITION, Cluster, SlurmJob, slurm_cluster, unavailable_reason
 
-from conftest import REPO, run_snakemake, workflow_env
+from conftest import REPO, run_snakemake, snakemake_command, workflow_env
 
 pytestmark = [
     pytest.mark.slow,
@@ -195,20 +194,10 @@ class Drill:
     def run(self, acts: dict[str, Callable[[SlurmJob], bool]]) -> subprocess.CompletedProcess:
         """One invocation; for each rule or group in `acts`, its action is called on its running
         jobs until it returns True (it disturbed one). Returns the finished invocation."""
-        cmd = [
-            str(Path(sys.executable).parent / "snakemake"),
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(self.workdir),
-            "--configfile",
-            str(self.config),
-            "--profile",
-            PROFILE,
-            "--retries",
-            "0",  # a killed job fails this invocation; the next one must finish the work
-            *SLURM_ARGS,
-        ]
+        # --retries 0: a killed job fails this invocation; the next one must finish the work
+        cmd = snakemake_command(
+            self.workdir, self.config, "--profile", PROFILE, "--retries", "0", *SLURM_ARGS
+        )
         proc = subprocess.Popen(
             cmd, env=workflow_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
