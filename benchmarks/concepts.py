@@ -89,7 +89,7 @@ def main() -> None:
         captioner = AnnotationCaptioner.from_world([("world", root / "world")])
         captions: list[list[str]] = []
         t0 = time.perf_counter()
-        with DiskCache(root / "captions.sqlite", "captions") as store:
+        with DiskCache(root / "cache", "captions") as store:
             cached = CachedCaptioner(captioner, store)
             for start in range(0, args.neurons, args.chunk_size):
                 chunk = exemplars[start : start + args.chunk_size]
@@ -130,7 +130,7 @@ def main() -> None:
                 settings = ConceptSettings(
                     model="fake-model", n=args.candidates, neurons_per_request=per
                 )
-                with DiskCache(root / f"llm-{name}.sqlite", "llm") as store:
+                with DiskCache(root / f"cache-{name}", "llm") as store:
                     backend = OpenAIBackend(server.base_url, "fake-model", api_key_env=None)
                     records = cls(LLMClient(backend, store, max_concurrency=8), settings).propose(
                         neurons

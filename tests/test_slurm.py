@@ -157,19 +157,29 @@ def test_each_job_asked_for_its_stage_resources(cluster: Cluster, drilled: Drill
         assert _gpus(job) == int(any(w.get("gpus", 0) for w in want)), (group, job)
 
 
+@pytest.mark.parametrize("run_on", ["compute", "head"])
 def test_the_plan_counts_the_slurm_jobs_of_the_profile(
-    cluster: Cluster, llm: FakeOpenAI, tmp_path: Path
+    cluster: Cluster, llm: FakeOpenAI, tmp_path: Path, run_on: str
 ) -> None:
     config = _config(tmp_path, llm)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["llm"]["run_on"] = run_on
+    config.write_text(yaml.safe_dump(cfg))
     proc = run_snakemake(
         tmp_path, config, "--profile", PROFILE, *SLURM_ARGS, "plan", env=workflow_env()
     )
     plan = json.loads((tmp_path / "results" / "demo" / "plan.json").read_text())["cluster"]
     assert plan["executor"] == "slurm" and plan["remote"]
-    assert plan["submitted"]["propose: exemplars+captions+concepts"] == 1
-    assert plan["submitted"]["select: synthesis+scores"] == 1
-    assert plan["submitted"]["activations"] == 2 and plan["on_head"] == ["render_demo_probe"]
     assert "slurm jobs submitted with this profile" in proc.stdout
+    assert plan["submitted"]["select: synthesis+scores"] == 1
+    assert plan["submitted"]["activations"] == 2
+    if run_on == "compute":
+        assert plan["submitted"]["propose: exemplars+captions+concepts"] == 1
+        assert plan["on_head"] == ["render_demo_probe"]
+    else:
+        # an API the nodes cannot reach: the concept steps run where snakemake runs
+        assert plan["submitted"]["propose: exemplars+captions"] == 1
+        assert plan["on_head"] == ["render_demo_probe", "concepts"]
 
 
 def _outputs_are_whole(results: Path) -> None:

@@ -1,22 +1,25 @@
-"""A persistent key-value cache on disk, shared by all jobs of a run (SQLite, safe across processes).
+"""A persistent key-value cache on disk, shared by all jobs of a run, on any shared filesystem.
 
 Keys are derived from the full request (model id, inputs, parameters) as canonical JSON, so the
-same request is answered from disk in any later or concurrent job: a resumed job never pays twice
-for an LLM reply or recomputes a caption.
+same request is answered from disk in any later job: a resumed job never pays twice for an LLM
+reply or recomputes a caption.
+
+Every process appends to a segment file of its own (one JSON line per entry, flushed as soon as
+it is written) and reads all segments when it opens the cache. Each file has one writer and
+nothing takes a lock, so it is safe across nodes on NFS, Lustre or GPFS, where SQLite's locking
+is not. A line cut short by a kill has no newline and is never read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
+import os
+import socket
 import threading
-import time
+import uuid
 from pathlib import Path
-from typing import Any
-
-# concurrent writers wait for each other instead of failing (cluster jobs on one file)
-BUSY_TIMEOUT_S = 60.0
+from typing import Any, TextIO
 
 
 def cache_key(request: Any) -> str:
@@ -25,65 +28,54 @@ def cache_key(request: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-class DiskCache:
-    """`get(key)` / `put(key, value)` of JSON values in one SQLite file.
+def _whole_lines(segment: Path) -> list[bytes]:
+    data = segment.read_bytes()
+    return data[: data.rfind(b"\n") + 1].splitlines()
 
-    WAL mode lets readers proceed while one process writes; every `put` commits at once, so a
-    job killed a moment later has still saved what it paid for. One instance may be shared by the
-    threads of a process (e.g. concurrent LLM requests): its connection is guarded by a lock.
+
+class DiskCache:
+    """`get(key)` / `put(key, value)` of JSON values in the folder `path/namespace/`.
+
+    What other processes wrote is read when the cache is opened; what this one writes is on disk
+    when `put` returns, so a job killed a moment later has still saved what it paid for. One
+    instance may be shared by the threads of a process (e.g. concurrent LLM requests).
     """
 
     def __init__(self, path: str | Path, namespace: str) -> None:
-        self.path = Path(path)
-        self.namespace = namespace
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(path) / namespace
+        self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-        self._set_up()
-
-    def _set_up(self) -> None:
-        # Switching a new file to WAL takes an exclusive lock, and SQLite reports "database is
-        # locked" at once (no busy wait) when jobs open a fresh cache together: retry until the
-        # busy timeout.
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute(
-                    "CREATE TABLE IF NOT EXISTS entries (namespace TEXT, key TEXT, value TEXT, "
-                    "created REAL, PRIMARY KEY (namespace, key))"
-                )
-                return
-            except sqlite3.OperationalError as err:
-                if "locked" not in str(err) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self._entries: dict[str, Any] = {}
+        self._writer: TextIO | None = None
+        for segment in sorted(self.folder.glob("*.jsonl")):
+            for line in _whole_lines(segment):
+                entry = json.loads(line)
+                self._entries[entry["k"]] = entry["v"]
 
     def get(self, key: str) -> Any | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT value FROM entries WHERE namespace = ? AND key = ?", (self.namespace, key)
-            ).fetchone()
-        return None if row is None else json.loads(row[0])
+            return self._entries.get(key)
 
     def put(self, key: str, value: Any) -> None:
+        line = json.dumps({"k": key, "v": value}, ensure_ascii=False) + "\n"
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)",
-                (self.namespace, key, json.dumps(value), time.time()),
-            )
+            if self._writer is None:
+                name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+                self._writer = open(self.folder / name, "a", encoding="utf-8")  # noqa: SIM115
+            self._writer.write(line)
+            self._writer.flush()  # in the kernel: survives the process being killed
+            self._entries[key] = value
 
     def __len__(self) -> int:
         with self._lock:
-            (count,) = self._db.execute(
-                "SELECT COUNT(*) FROM entries WHERE namespace = ?", (self.namespace,)
-            ).fetchone()
-        return int(count)
+            return len(self._entries)
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            if self._writer is not None:
+                os.fsync(self._writer.fileno())  # and on the disk: survives the node
+                self._writer.close()
+                self._writer = None
 
     def __enter__(self) -> DiskCache:
         return self

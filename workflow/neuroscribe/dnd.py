@@ -265,20 +265,31 @@ def score_chunk(
     candidates = dict(zip(concept_table["neuron"], concept_table["candidates"], strict=True))
 
     def rows_of(part: list[int]) -> pd.DataFrame:
+        images = {
+            n: [(c, p) for c, c_i in enumerate(candidates[n]) for p in _images_of(synth, c_i)]
+            for n in part
+        }
+        mine = ex[ex["neuron"].isin(part)]
+        ex_keys: dict[int, list[Any]] = {n: [] for n in part}
+        for n, i, b in zip(mine["neuron"], mine["image_id"], mine["box"], strict=True):
+            ex_keys[int(n)].append((i, _box(b)))
+        # the part's new images in one batched pass per model; the neurons below read the memo
+        every = [p for n in part if images[n] for _, p in images[n]]
+        acts.get(every)
+        synth_emb.get(every)
+        ex_emb.get([k for n in part if images[n] for k in ex_keys[n]])
         rows = []
         for neuron in part:
             cands = list(candidates[neuron])
             row: dict[str, Any] = {"model": target.name, "layer": layer, "neuron": int(neuron)}
-            images = [(c, p) for c, c_i in enumerate(cands) for p in _images_of(synth, c_i)]
-            if not images:
+            if not images[neuron]:
                 rows.append(
                     row | _unscored(cands, "no candidate has images (see concepts/synthesis)")
                 )
                 continue
-            paths = [p for _, p in images]
-            owner = np.array([c for c, _ in images])
-            mine = ex[ex["neuron"] == neuron]
-            keys = [(i, _box(b)) for i, b in zip(mine["image_id"], mine["box"], strict=True)]
+            paths = [p for _, p in images[neuron]]
+            owner = np.array([c for c, _ in images[neuron]])
+            keys = ex_keys[neuron]
             # mean cosine over exemplar-image pairs = (mean exemplar embedding) . image embedding
             similarity = synth_emb.get(paths) @ ex_emb.get(keys).mean(axis=0)
             scores = score_candidates(

@@ -29,7 +29,7 @@ rule captions:
                 "out": output[0],
                 "captioner": config["captioner"],
                 "worlds": annotation_world_pairs(),
-                "cache": f"{RESULTS}/cache/captions.sqlite",
+                "cache": f"{RESULTS}/cache",
                 "device": config["device"],
                 "dtype": config["dtype"],
             }
@@ -66,7 +66,7 @@ rule concepts:
                 "captions": input[0],
                 "out": output[0],
                 "llm": llm_args(),
-                "cache": f"{RESULTS}/cache/llm.sqlite",
+                "cache": f"{RESULTS}/cache",
                 "device": config["device"],
                 "dtype": config["dtype"],
             }
