@@ -59,6 +59,12 @@ class TargetSpec:
                 return layer
         raise KeyError(name)
 
+    def weights_files(self) -> list[Path]:
+        """The weights file, when `weights` names one (not a torchvision weights enum)."""
+        if self.weights is None or not Path(self.weights).is_file():
+            return []
+        return [Path(self.weights)]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

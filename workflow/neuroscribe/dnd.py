@@ -324,7 +324,8 @@ def score_chunk(
         "dtype": settings["dtype"],
         "save_every": save_every,
     }
-    record = ProgressRecord.beside(out, args, [concepts, synthesis, exemplars, manifest])
+    inputs = [concepts, synthesis, exemplars, manifest, *target.weights_files()]
+    record = ProgressRecord.beside(out, args, inputs)
     neurons = [int(n) for n in concept_table["neuron"]]
     table, resumed = rows_in_parts(neurons, save_every, record, rows_of, "scores")
     write_from_record(table, out, record)

@@ -204,9 +204,12 @@ def chunk_exemplars(
         "neurons": list(neurons),
         "top_k": top_k,
         "crops": crops,
+        "device": device,
+        "dtype": dtype,
         "save_every": save_every,
     }
-    record = ProgressRecord.beside(out, args, [layer_h5, manifest])
+    # retrained weights under the same path void the record too
+    record = ProgressRecord.beside(out, args, [layer_h5, manifest, *target.weights_files()])
     table, resumed = rows_in_parts(neurons, save_every, record, rows_of, "exemplars")
     write_from_record(table, out, record)
     log.info("%s/%s: exemplars of %d neurons", target.name, layer, len(neurons))
