@@ -258,7 +258,9 @@ def labeller(body: dict[str, Any]) -> Behaviour:
         n = int(re.search(r"give (\d+) different candidate", prompt).group(1))
         neurons = []
         for neuron, listing in blocks:
-            captions = [line.split(". ", 1)[1] for line in listing.strip().splitlines()]
+            # a caption may hold a line break of its own (random tiny captioners write anything)
+            lines = listing.strip().splitlines()
+            captions = [line.split(". ", 1)[1] for line in lines if ". " in line]
             concepts = summariser.propose(captions, n)
             concepts += [f"pattern {i}" for i in range(n - len(concepts))]
             neurons.append({"neuron": int(neuron), "concepts": concepts})

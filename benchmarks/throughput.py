@@ -1,0 +1,324 @@
+"""Describe-and-Dissect throughput: neuroscribe's pipeline against the reference code's structure.
+
+One layer of N neurons (default 256) of a target on the demo world, with the real backends: a
+BLIP captioner (transformers), concepts from an OpenAI-compatible server on 127.0.0.1 through the
+`openai` client (tests/fake_openai.py), a Stable Diffusion pipeline (diffusers) and CLIP image
+similarity. Both modes use the same models, inputs and settings, in one invocation:
+
+- pipeline: the workflow as built (`snakemake` on the chunk jobs: batched across neurons, models
+  loaded once per job, caches and the image store shared by the run);
+- reference: the same package components driven one neuron at a time as the reference code
+  does: every model loaded for each neuron, each exemplar captioned, one LLM request per caption
+  simplification plus one per candidate summary, Q images drawn per candidate with no sharing,
+  and the target and CLIP run on that neuron's images alone. Its cost per neuron does not depend
+  on the other neurons, so it is timed on `--reference-neurons` of them (default 16).
+
+Activation extraction and the top-K merge run first, untimed and shared (both modes need them).
+Prints, per mode, wall seconds per neuron and the work per neuron, then the ratios.
+
+    .venv/bin/python benchmarks/throughput.py --size tiny          # CPU, tiny random models
+
+`--size real` (the real architectures with random weights, for a GPU) is not built yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import pandas as pd
+import transformers
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # tiny model builders and the fake OpenAI server
+
+from fake_openai import fake_openai, labeller  # noqa: E402
+from tiny_blip import build_tiny_blip  # noqa: E402
+from tiny_diffusion import build_tiny_clip, build_tiny_sd  # noqa: E402
+
+from neuroscribe import roles  # noqa: E402
+from neuroscribe.captioners import CaptionRequest  # noqa: E402
+from neuroscribe.config import TargetSpec, validate_config  # noqa: E402
+from neuroscribe.dnd import score_chunk  # noqa: E402
+from neuroscribe.exemplars import chunk_exemplars  # noqa: E402
+from neuroscribe.imagestore import ImageRequest  # noqa: E402
+from neuroscribe.synthesizers import PROMPT_TEMPLATE, image_seed  # noqa: E402
+
+# a target with one wide layer: N channels to describe
+FACTORY = """
+from torch import nn
+
+
+def build() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(32, {width}, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear({width}, 7),
+    )
+"""
+LAYER = "2"  # the wide conv layer (module path inside the Sequential)
+
+
+@dataclass
+class Work:
+    """Work done for the neurons of one mode."""
+
+    neurons: int = 0
+    seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, key: str, n: int) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+
+def build_config(root: Path, args: argparse.Namespace, server_url: str) -> Path:
+    (root / "wide.py").write_text(FACTORY.format(width=args.neurons))
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    cfg["run"] = "bench"
+    cfg["targets"] = [
+        {
+            "name": "wide",
+            "spec": f"python:{root / 'wide.py'}:build",
+            "transform": cfg["targets"][0]["transform"],
+            "layers": [LAYER],
+        }
+    ]
+    cfg["probe"]["datasets"][0]["n_images"] = args.images
+    cfg |= {"chunk_size": 128, "shard_size": args.images, "top_k": args.top_k}
+    cfg["captioner"] = {"backend": "blip", "model": str(build_tiny_blip(root / "blip"))}
+    cfg["llm"] = {
+        "backend": "openai",
+        "model": "fake-model",
+        "base_url": server_url,
+        "api_key_env": None,
+    }
+    cfg["synthesizer"] = {
+        "backend": "diffusers",
+        "model": str(build_tiny_sd(root / "sd")),
+        "steps": args.steps,
+        "size": 32,
+        "images_per_concept": 10,
+    }
+    cfg["scoring"] = {
+        "similarity": {"backend": "clip", "model": str(build_tiny_clip(root / "clip"))}
+    }
+    for stage in ("captions", "synthesis", "scores", "exemplars", "activations"):
+        cfg["resources"][stage] = {"gpus": 0, "cpus": 1, "mem_mb": 2000, "runtime": 60}
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def snakemake(root: Path, config: Path, *targets: str) -> None:
+    cmd = [
+        str(Path(sys.executable).parent / "snakemake"),
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(root),
+        "--configfile",
+        str(config),
+        "--cores",
+        "2",
+        "--quiet",
+        "all",
+        "--",
+        *targets,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+
+
+def _logged(logs: Path, pattern: str) -> int:
+    """Sum of the first number group of `pattern` over the stage logs under `logs`."""
+    text = "".join(p.read_text() for p in logs.rglob("*.log"))
+    return sum(int(m.group(1)) for m in re.finditer(pattern, text))
+
+
+def run_pipeline(root: Path, config: Path, server: Any, n: int) -> Work:
+    results = root / "results" / "bench"
+    before = len(server.requests)
+    start = time.perf_counter()
+    snakemake(root, config)
+    work = Work(neurons=n, seconds=time.perf_counter() - start)
+    logs = results / "logs"
+    work.add("llm requests", len(server.requests) - before)
+    work.add("llm tokens", _tokens(server.requests[before:], server))
+    work.add("captioned images", _logged(logs / "captions", r"(\d+) captioned by"))
+    drawn = _logged(logs / "synthesis", r"(\d+) drawn now")
+    work.add("diffusion images", drawn)
+    work.add("denoising steps", drawn * yaml.safe_load(config.read_text())["synthesizer"]["steps"])
+    crops = _logged(logs / "exemplars", r"(\d+) attention crops for")
+    images = _logged(logs / "exemplars", r"attention crops for \d+ neurons on (\d+) images")
+    scored = _logged(logs / "scores", r"neurons, (\d+) synthesised and")
+    exemplars = _logged(logs / "scores", r"synthesised and (\d+) exemplar images")
+    work.add("target forward images", crops + images + scored)
+    work.add("similarity forward images", scored + exemplars)
+    return work
+
+
+def _tokens(requests: list[dict[str, Any]], server: Any) -> int:
+    # the fake server's usage counts whitespace words, as its replies report them
+    return sum(server.completion(body, "")["usage"]["prompt_tokens"] for body in requests)
+
+
+def run_reference(root: Path, config: Path, server: Any, neurons: list[int]) -> Work:
+    """The reference code's structure: one neuron at a time, nothing shared or kept."""
+    from neuroscribe.concepts import ConceptSettings, ReferenceProposer
+    from neuroscribe.llm import LLMClient, OpenAIBackend
+
+    cfg = validate_config(yaml.safe_load(config.read_text()))
+    results = root / "results" / "bench"
+    target = TargetSpec.from_dict(
+        {
+            **cfg["targets"][0],
+            "layers": [{"name": LAYER, "neurons": "all", "pooling": "avg", "tokens": "cls"}],
+        }
+    )
+    manifest = results / "probe" / "manifest.parquet"
+    paths = pd.read_parquet(manifest, columns=["image_id", "path"]).set_index("image_id")["path"]
+    layer_h5 = results / "activations" / "wide" / f"{LAYER}.h5"
+    llm, synth = cfg["llm"], cfg["synthesizer"]
+    settings = ConceptSettings(
+        model=llm["model"],
+        n=llm["candidates"],
+        temperature=llm["temperature"],
+        max_tokens=llm["max_tokens"],
+        seed=llm["seed"],
+    )
+    work = Work(neurons=len(neurons))
+    before = len(server.requests)
+    start = time.perf_counter()
+    for neuron in neurons:
+        folder = root / "reference" / str(neuron)
+        folder.mkdir(parents=True)
+        ex_file = folder / "exemplars.parquet"
+        chunk_exemplars(
+            layer_h5, manifest, target, LAYER, [neuron], ex_file, cfg["top_k"], device="cpu"
+        )
+        ex = pd.read_parquet(ex_file)
+        work.add("target forward images", _crop_forwards(ex))
+        captioner = roles.captioner(cfg["captioner"], [], "cpu", "auto")  # loaded per neuron
+        requests = [
+            CaptionRequest(i, str(paths[i]), None if b is None else tuple(int(v) for v in b))
+            for i, b in zip(ex["image_id"], ex["box"], strict=True)
+        ]
+        captions = captioner.caption(requests)
+        work.add("captioned images", len(requests))
+        client = LLMClient(OpenAIBackend(llm["base_url"], llm["model"], api_key_env=None), None)
+        (record,) = ReferenceProposer(client, settings).propose([(neuron, captions)])
+        drawer = roles.synthesizer(synth, "cpu", "auto")  # loaded per neuron
+        rows = []
+        # one candidate per summary call, drawn for each even when two summaries agree
+        cands = record.candidates
+        for concept in [cands[i % len(cands)] for i in range(settings.n)] if cands else []:
+            prompt = PROMPT_TEMPLATE.format(concept=concept)
+            seeds = [
+                image_seed(synth["seed"], concept, i) for i in range(synth["images_per_concept"])
+            ]
+            images = drawer.draw([ImageRequest(concept, prompt, s) for s in seeds])
+            files = []
+            for s, image in zip(seeds, images, strict=True):
+                files.append(str(folder / f"{len(rows)}-{s}.png"))
+                image.save(files[-1])
+            rows.append(
+                {
+                    "concept": concept,
+                    "prompt": prompt,
+                    "status": "ok",
+                    "error": None,
+                    "seeds": seeds,
+                    "images": files,
+                    "ignored_words": [],
+                    "synthesizer": drawer.id,
+                }
+            )
+            work.add("diffusion images", len(images))
+            work.add("denoising steps", len(images) * synth["steps"])
+        # one row per distinct candidate, holding every image drawn for it: all are scored
+        by_concept: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            kept = by_concept.setdefault(row["concept"], row | {"seeds": [], "images": []})
+            kept["seeds"] += row["seeds"]
+            kept["images"] += row["images"]
+        pd.DataFrame(list(by_concept.values())).to_parquet(folder / "synthesis.parquet")
+        concepts = pd.DataFrame([{"neuron": neuron, "candidates": list(by_concept)}])
+        concepts.to_parquet(folder / "concepts.parquet")
+        score_chunk(  # loads the target and CLIP for this neuron's images alone
+            folder / "concepts.parquet",
+            folder / "synthesis.parquet",
+            ex_file,
+            manifest,
+            folder / "scores.parquet",
+            target,
+            LAYER,
+            cfg["scoring"],
+            cfg["top_k"],
+            {"batch_size": cfg["batch_size"], "workers": 0, "device": "cpu", "dtype": "auto"},
+        )
+        n_images = sum(len(r["images"]) for r in rows)
+        work.add("target forward images", n_images)
+        work.add("similarity forward images", n_images + len(ex))
+    work.seconds = time.perf_counter() - start
+    work.add("llm requests", len(server.requests) - before)
+    work.add("llm tokens", _tokens(server.requests[before:], server))
+    return work
+
+
+def _crop_forwards(ex: pd.DataFrame) -> int:
+    # the neuron's top images once for their maps, and each crop candidate once for its score
+    return ex["image_id"].nunique() + int(ex["box"].notna().sum())
+
+
+def report(pipeline: Work, reference: Work) -> None:
+    keys = list(dict.fromkeys([*reference.counts, *pipeline.counts]))
+    print(f"  {'per neuron':<28} {'reference':>12} {'pipeline':>12} {'ratio':>8}")
+    rows = [("wall seconds", reference.seconds, pipeline.seconds)]
+    rows += [(k, reference.counts.get(k, 0), pipeline.counts.get(k, 0)) for k in keys]
+    for key, ref, pipe in rows:
+        r, p = ref / reference.neurons, pipe / pipeline.neurons
+        ratio = f"{r / p:.1f}x" if p else "-"
+        print(f"  {key:<28} {r:>12.2f} {p:>12.2f} {ratio:>8}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
+    parser.add_argument("--neurons", type=int, default=256)
+    parser.add_argument("--reference-neurons", type=int, default=16)
+    parser.add_argument("--images", type=int, default=400, help="probe images of the demo world")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps (both modes)")
+    args = parser.parse_args()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if args.size == "real":
+        raise SystemExit("--size real is not built yet (see issue 7); use --size tiny")
+    with tempfile.TemporaryDirectory() as tmp, fake_openai(default=labeller) as server:
+        root = Path(tmp)
+        config = build_config(root, args, server.base_url)
+        layer_h5 = f"results/bench/activations/wide/{LAYER}.h5"
+        snakemake(root, config, layer_h5)  # shared by both modes, untimed
+        pipeline = run_pipeline(root, config, server, args.neurons)
+        reference = run_reference(root, config, server, list(range(args.reference_neurons)))
+    print(
+        f"Describe-and-Dissect on {args.neurons} neurons (--size {args.size}, "
+        f"{args.images} probe images, K={args.top_k}, Q=10, {args.steps} steps); reference "
+        f"timed on {args.reference_neurons} neurons"
+    )
+    report(pipeline, reference)
+
+
+if __name__ == "__main__":
+    main()
