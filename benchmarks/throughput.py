@@ -299,6 +299,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400, help="probe images of the demo world")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--steps", type=int, default=10, help="denoising steps (both modes)")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the run here (per-job times: results/bench/benchmarks)"
+    )
     args = parser.parse_args()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
@@ -306,7 +309,8 @@ def main() -> None:
     if args.size == "real":
         raise SystemExit("--size real is not built yet (see issue 7); use --size tiny")
     with tempfile.TemporaryDirectory() as tmp, fake_openai(default=labeller) as server:
-        root = Path(tmp)
+        root = args.workdir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         config = build_config(root, args, server.base_url)
         layer_h5 = f"results/bench/activations/wide/{LAYER}.h5"
         snakemake(root, config, layer_h5)  # shared by both modes, untimed
