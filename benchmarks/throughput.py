@@ -45,6 +45,7 @@ from fake_openai import fake_openai, labeller  # noqa: E402
 from tiny_blip import build_tiny_blip  # noqa: E402
 from tiny_diffusion import build_tiny_clip, build_tiny_sd  # noqa: E402
 
+from conftest import snakemake_command  # noqa: E402
 from neuroscribe import roles  # noqa: E402
 from neuroscribe.captioners import CaptionRequest  # noqa: E402
 from neuroscribe.config import TargetSpec, validate_config  # noqa: E402
@@ -119,21 +120,7 @@ def build_config(root: Path, args: argparse.Namespace, server_url: str) -> Path:
 
 
 def snakemake(root: Path, config: Path, *targets: str) -> None:
-    cmd = [
-        str(Path(sys.executable).parent / "snakemake"),
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(root),
-        "--configfile",
-        str(config),
-        "--cores",
-        "2",
-        "--quiet",
-        "all",
-        "--",
-        *targets,
-    ]
+    cmd = snakemake_command(root, config, "--quiet", "all", "--", *targets)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -153,7 +140,7 @@ def run_pipeline(root: Path, config: Path, server: Any, n: int) -> Work:
     work = Work(neurons=n, seconds=time.perf_counter() - start)
     logs = results / "logs"
     work.add("llm requests", len(server.requests) - before)
-    work.add("llm tokens", _tokens(server.requests[before:], server))
+    work.add("llm prompt tokens", _tokens(server.requests[before:], server))
     work.add("captioned images", _logged(logs / "captions", r"(\d+) captioned by"))
     drawn = _logged(logs / "synthesis", r"(\d+) drawn now")
     work.add("diffusion images", drawn)
@@ -174,9 +161,6 @@ def _tokens(requests: list[dict[str, Any]], server: Any) -> int:
 
 def run_reference(root: Path, config: Path, server: Any, neurons: list[int]) -> Work:
     """The reference code's structure: one neuron at a time, nothing shared or kept."""
-    from neuroscribe.concepts import ConceptSettings, ReferenceProposer
-    from neuroscribe.llm import LLMClient, OpenAIBackend
-
     cfg = validate_config(yaml.safe_load(config.read_text()))
     results = root / "results" / "bench"
     target = TargetSpec.from_dict(
@@ -188,14 +172,9 @@ def run_reference(root: Path, config: Path, server: Any, neurons: list[int]) -> 
     manifest = results / "probe" / "manifest.parquet"
     paths = pd.read_parquet(manifest, columns=["image_id", "path"]).set_index("image_id")["path"]
     layer_h5 = results / "activations" / "wide" / f"{LAYER}.h5"
-    llm, synth = cfg["llm"], cfg["synthesizer"]
-    settings = ConceptSettings(
-        model=llm["model"],
-        n=llm["candidates"],
-        temperature=llm["temperature"],
-        max_tokens=llm["max_tokens"],
-        seed=llm["seed"],
-    )
+    synth = cfg["synthesizer"]
+    # the paper's calls, with no cache: every request reaches the server
+    llm = cfg["llm"] | {"prompt_mode": "reference", "max_concurrency": 4}
     work = Work(neurons=len(neurons))
     before = len(server.requests)
     start = time.perf_counter()
@@ -215,13 +194,12 @@ def run_reference(root: Path, config: Path, server: Any, neurons: list[int]) -> 
         ]
         captions = captioner.caption(requests)
         work.add("captioned images", len(requests))
-        client = LLMClient(OpenAIBackend(llm["base_url"], llm["model"], api_key_env=None), None)
-        (record,) = ReferenceProposer(client, settings).propose([(neuron, captions)])
+        (record,) = roles.proposer(llm, None, "cpu", "auto").propose([(neuron, captions)])
         drawer = roles.synthesizer(synth, "cpu", "auto")  # loaded per neuron
         rows = []
         # one candidate per summary call, drawn for each even when two summaries agree
         cands = record.candidates
-        for concept in [cands[i % len(cands)] for i in range(settings.n)] if cands else []:
+        for concept in [cands[i % len(cands)] for i in range(llm["candidates"])] if cands else []:
             prompt = PROMPT_TEMPLATE.format(concept=concept)
             seeds = [
                 image_seed(synth["seed"], concept, i) for i in range(synth["images_per_concept"])
@@ -271,7 +249,7 @@ def run_reference(root: Path, config: Path, server: Any, neurons: list[int]) -> 
         work.add("similarity forward images", n_images + len(ex))
     work.seconds = time.perf_counter() - start
     work.add("llm requests", len(server.requests) - before)
-    work.add("llm tokens", _tokens(server.requests[before:], server))
+    work.add("llm prompt tokens", _tokens(server.requests[before:], server))
     return work
 
 

@@ -10,7 +10,6 @@ discarded, never reused. It is removed once the output is written.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -23,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neuroscribe.cache import cache_key
-from neuroscribe.io import atomic_path
-from neuroscribe.tables import to_arrow
+from neuroscribe.io import read_json, write_json
+from neuroscribe.tables import to_arrow, write_arrow
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +40,8 @@ class Resumed:
 
 
 def _file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fingerprint(args: dict[str, Any], inputs: Sequence[str | Path]) -> str:
@@ -72,14 +68,13 @@ class ProgressRecord:
         """Start or continue the record; one from other arguments or inputs is discarded."""
         key_file = self.folder / KEY_FILE
         if self.folder.exists():
-            old = json.loads(key_file.read_text()) if key_file.exists() else None
+            old = read_json(key_file) if key_file.exists() else None
             if old == self.key:
                 return
             log.info("progress record %s is from other settings or inputs: discarded", self.folder)
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
-        with atomic_path(key_file) as tmp:
-            tmp.write_text(json.dumps(self.key))
+        write_json(self.key, key_file)
 
     def parts(self) -> dict[int, pa.Table]:
         """Saved parts by their index."""
@@ -89,8 +84,7 @@ class ProgressRecord:
         }
 
     def save(self, index: int, table: pa.Table) -> None:
-        with atomic_path(self.folder / f"part-{index:05d}.parquet") as tmp:
-            pq.write_table(table, tmp)
+        write_arrow(table, self.folder / f"part-{index:05d}.parquet")
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -128,6 +122,5 @@ def rows_in_parts(
 
 def write_from_record(table: pa.Table, out: str | Path, record: ProgressRecord) -> None:
     """Write the finished output atomically, then drop the record it was built from."""
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp)
+    write_arrow(table, out)
     record.remove()

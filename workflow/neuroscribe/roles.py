@@ -38,7 +38,7 @@ def captioner(
     )
 
 
-def llm_client(cfg: dict[str, Any], cache: DiskCache, device: str, dtype: str) -> LLMClient:
+def llm_client(cfg: dict[str, Any], cache: DiskCache | None, device: str, dtype: str) -> LLMClient:
     if cfg["backend"] == "openai":
         backend: Any = OpenAIBackend(
             cfg["base_url"],
@@ -55,7 +55,7 @@ def llm_client(cfg: dict[str, Any], cache: DiskCache, device: str, dtype: str) -
     )
 
 
-def proposer(cfg: dict[str, Any], cache: DiskCache, device: str, dtype: str) -> Proposer:
+def proposer(cfg: dict[str, Any], cache: DiskCache | None, device: str, dtype: str) -> Proposer:
     """The concept proposer of the configured llm backend and prompt mode."""
     if cfg["backend"] == "none":
         return FrequencyProposer(n=cfg["candidates"])

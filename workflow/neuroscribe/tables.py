@@ -99,9 +99,14 @@ def to_arrow(df: pd.DataFrame, name: str) -> pa.Table:
 def write_table(df: pd.DataFrame, path: str | Path, name: str) -> pa.Table:
     """Check `df` against schema `name` and write it as Parquet, atomically."""
     table = to_arrow(df, name)
+    write_arrow(table, path)
+    return table
+
+
+def write_arrow(table: pa.Table, path: str | Path) -> None:
+    """Write an already checked table as Parquet, atomically."""
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-    return table
 
 
 def write_csv(table: pa.Table, path: str | Path) -> None:
