@@ -3,12 +3,23 @@
 An image's key is the hash of everything that determines its pixels (synthesizer id with its
 model, steps and size; prompt; seed), so a concept proposed for several neurons, chunks or
 layers is drawn once, and a rerun draws nothing it already has. Files are written under a
-temporary name and renamed, so a killed job never leaves a half-written image under a key;
-two jobs drawing the same key at once both write the same pixels and the last rename wins.
+temporary name and renamed, so a killed job never leaves a half-written image under a key.
+
+Jobs running at the same time (the chunks of a layer share many concepts) claim each image before
+drawing it, one batch at a time, with a file created exclusively beside it. A job skips images
+another job has claimed, draws the rest, and then waits for those. A claim left by a killed job is
+taken over: at once when its process is gone from this host or it was an earlier run of this SLURM
+job (requeued), otherwise once it is older than `stale_after`. A claim taken over by mistake costs
+only a second drawing of the same pixels; no lock is ever needed for correctness.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +29,8 @@ from PIL import Image
 
 from neuroscribe.cache import cache_key
 from neuroscribe.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,8 +50,10 @@ class Drawer(Protocol):
 
 
 class ImageStore:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, stale_after: float = 600.0, poll: float = 0.5) -> None:
         self.root = Path(root)
+        self.stale_after = stale_after
+        self.poll = poll
 
     def key(self, drawer_id: str, request: ImageRequest) -> str:
         return cache_key({"synthesizer": drawer_id, "prompt": request.prompt, "seed": request.seed})
@@ -52,13 +67,47 @@ class ImageStore:
         """The image file of every request, drawing only the missing ones (in batches, each
         batch stored before the next); returns (paths in request order, images drawn)."""
         keys = [self.key(drawer.id, r) for r in requests]
-        missing: dict[str, ImageRequest] = {}
-        for k, r in zip(keys, requests, strict=True):
-            if k not in missing and not self.path(k).exists():
-                missing[k] = r
-        todo = list(missing.items())
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
+        queue: deque[tuple[str, ImageRequest]] = deque()
+        for k, r in dict(zip(keys, requests, strict=True)).items():
+            if not self.path(k).exists():
+                queue.append((k, r))
+        missing, drawn = len(queue), 0
+        waiting: list[tuple[str, ImageRequest]] = []
+        while queue or waiting:
+            batch = self._claim_batch(queue, waiting, batch_size)
+            if batch:
+                drawn += self._draw(drawer, batch)
+            elif waiting:  # only images other jobs are drawing are left
+                time.sleep(self.poll)
+                queue.extend(waiting)
+                waiting.clear()
+        if missing > drawn:
+            log.info("image store: %d images drawn by other jobs meanwhile", missing - drawn)
+        return [self.path(k) for k in keys], drawn
+
+    def _claim_batch(
+        self,
+        queue: deque[tuple[str, ImageRequest]],
+        waiting: list[tuple[str, ImageRequest]],
+        size: int,
+    ) -> list[tuple[str, ImageRequest]]:
+        """Up to `size` queued images this job now holds claims on; images claimed by other
+        jobs go to `waiting`, images that appeared meanwhile are dropped."""
+        batch: list[tuple[str, ImageRequest]] = []
+        while queue and len(batch) < size:
+            key, request = queue.popleft()
+            if self.path(key).exists():
+                continue
+            if not self._claim(key):
+                waiting.append((key, request))
+            elif self.path(key).exists():  # stored and released between the check and the claim
+                self.claim_path(key).unlink(missing_ok=True)
+            else:
+                batch.append((key, request))
+        return batch
+
+    def _draw(self, drawer: Drawer, batch: list[tuple[str, ImageRequest]]) -> int:
+        try:
             images = drawer.draw([r for _, r in batch])
             if len(images) != len(batch):
                 raise RuntimeError(
@@ -67,4 +116,55 @@ class ImageStore:
             for (k, _), image in zip(batch, images, strict=True):
                 with atomic_path(self.path(k)) as tmp:
                     image.convert("RGB").save(tmp, format="PNG")
-        return [self.path(k) for k in keys], len(todo)
+        finally:
+            for k, _ in batch:
+                self.claim_path(k).unlink(missing_ok=True)
+        return len(batch)
+
+    def claim_path(self, key: str) -> Path:
+        return self.path(key).with_suffix(".claim")
+
+    def _claim(self, key: str) -> bool:
+        path = self.claim_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale(path):
+                    return False
+                path.unlink(missing_ok=True)  # a dead job's claim: take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(_holder())
+            return True
+        return False  # another job took the stale claim over first
+
+    def _stale(self, claim: Path) -> bool:
+        try:
+            holder, age = claim.read_text(), time.time() - claim.stat().st_mtime
+        except FileNotFoundError:
+            return True  # released meanwhile: claim it
+        host, pid, job = [*holder.split(), "", "", ""][:3]
+        if host == socket.gethostname() and pid.isdigit():
+            # this process holds claims only while it draws them: a claim under its own pid
+            # was left by a dead process whose pid was reused
+            mine_or_dead = int(pid) == os.getpid() or not _alive(int(pid))
+            return mine_or_dead or age > self.stale_after
+        if job and job == os.environ.get("SLURM_JOB_ID"):
+            return True  # written by an earlier run of this (requeued) job on another node
+        return age > self.stale_after
+
+
+def _holder() -> str:
+    return f"{socket.gethostname()} {os.getpid()} {os.environ.get('SLURM_JOB_ID', '')}\n"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

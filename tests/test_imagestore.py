@@ -1,0 +1,129 @@
+"""`ImageStore` shared by jobs running at the same time: each image is drawn by one job, the
+others wait for it, and claims left by killed jobs are taken over."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from neuroscribe.imagestore import ImageRequest, ImageStore
+from neuroscribe.synthesizers import PROMPT_TEMPLATE, ProceduralSynthesizer
+
+CONCEPTS = ["red circle", "blue square", "green star", "striped triangle", "dotted cross"]
+
+
+def requests(seeds: range) -> list[ImageRequest]:
+    return [ImageRequest(c, PROMPT_TEMPLATE.format(concept=c), s) for s in seeds for c in CONCEPTS]
+
+
+class Recording:
+    """The procedural synthesizer, slowed down so that jobs overlap, noting what it draws."""
+
+    def __init__(self, log: Path | None = None, delay: float = 0.0) -> None:
+        self.inner = ProceduralSynthesizer(32)
+        self.log, self.delay, self.drawn = log, delay, []
+
+    @property
+    def id(self) -> str:
+        return self.inner.id
+
+    def draw(self, batch: Sequence[ImageRequest]) -> list[Image.Image]:
+        time.sleep(self.delay)
+        self.drawn += [(r.concept, r.seed) for r in batch]
+        if self.log:
+            self.log.write_text(json.dumps(self.drawn))
+        return self.inner.draw(batch)
+
+
+def _job(args: tuple[str, int, int, str]) -> int:
+    root, first, last, log = args
+    _, drawn = ImageStore(root, poll=0.02).ensure(
+        Recording(Path(log), delay=0.05), requests(range(first, last)), batch_size=4
+    )
+    return drawn
+
+
+def test_concurrent_jobs_draw_each_image_once(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    jobs = [
+        (str(root), 0, 8, str(tmp_path / "a.json")),
+        (str(root), 4, 12, str(tmp_path / "b.json")),
+    ]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        drawn = pool.map(_job, jobs)
+    a, b = (json.loads(Path(job[3]).read_text()) for job in jobs)
+    assert sorted(map(tuple, a + b)) == sorted({(c, s) for c in CONCEPTS for s in range(12)})
+    assert sum(drawn) == 60 < 80  # 20 requests shared by the two jobs, each drawn once
+    assert a and b  # both jobs drew
+    paths, again = ImageStore(root).ensure(Recording(), requests(range(12)))
+    assert again == 0 and all(p.exists() for p in paths)
+    assert not list(root.rglob("*.claim"))
+
+
+def _claimed(store: ImageStore, request: ImageRequest, holder: str, age: float = 0.0) -> Path:
+    claim = store.claim_path(store.key(ProceduralSynthesizer(32).id, request))
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    claim.write_text(holder)
+    os.utime(claim, (time.time() - age, time.time() - age))
+    return claim
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize(
+    ("holder", "age", "slurm_job"),
+    [
+        ("{host} {dead_pid} \n", 0.0, None),  # its process on this host is gone
+        ("node-7 4242 \n", 120.0, None),  # another node, older than stale_after
+        ("node-7 4242 777\n", 0.0, "777"),  # an earlier run of this requeued SLURM job
+    ],
+    ids=["dead-process", "old-claim", "requeued-job"],
+)
+def test_claims_of_dead_jobs_are_taken_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, holder: str, age: float, slurm_job: str | None
+) -> None:
+    if slurm_job:
+        monkeypatch.setenv("SLURM_JOB_ID", slurm_job)
+    store = ImageStore(tmp_path, stale_after=60.0, poll=0.01)
+    (request,) = requests(range(1))[:1]
+    holder = holder.format(host=socket.gethostname(), dead_pid=_dead_pid())
+    claim = _claimed(store, request, holder, age)
+    drawer = Recording()
+    start = time.perf_counter()
+    (path,), drawn = store.ensure(drawer, [request])
+    assert drawn == 1 and path.exists() and not claim.exists()
+    assert time.perf_counter() - start < 5  # taken over, not waited out
+
+
+def test_a_live_claim_is_waited_for_not_redrawn(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path, stale_after=60.0, poll=0.01)
+    shared, own = requests(range(1))[:2]
+    claim = _claimed(store, shared, "node-7 4242 \n")  # another node's job drawing it now
+
+    def other_job_finishes() -> None:
+        time.sleep(0.3)
+        (image,) = ProceduralSynthesizer(32).draw([shared])
+        image.save(claim.with_suffix(".png"))  # stores the image ...
+        claim.unlink()  # ... and then releases its claim, as `ensure` does
+
+    other = threading.Thread(target=other_job_finishes)
+    drawer = Recording()
+    other.start()
+    paths, drawn = store.ensure(drawer, [shared, own])
+    other.join()
+    assert drawn == 1 and drawer.drawn == [(own.concept, own.seed)]  # its own image only
+    assert all(p.exists() for p in paths)
