@@ -17,17 +17,26 @@ Activation extraction and the top-K merge run first, untimed and shared (both mo
 Prints, per mode, wall seconds per neuron and the work per neuron, then the ratios.
 
     .venv/bin/python benchmarks/throughput.py --size tiny          # CPU, tiny random models
+    .venv/bin/python benchmarks/throughput.py --size real --device cuda          # one GPU
+    .venv/bin/python benchmarks/throughput.py --size real --device cuda --preset fast
 
-`--size real` (the real architectures with random weights, for a GPU) is not built yet.
+`--size real` builds the paper's models with their real architectures and random weights
+(benchmarks/realsize.py: BLIP-large, Stable Diffusion 1.5 at 512 px, CLIP ViT-B/16) and describes
+N channels of layer3 of a ResNet-50 (random weights) on the demo world rendered at 224 px.
+`--preset fast` runs the pipeline with config/fast.yaml's synthesis settings (steps, guidance);
+the reference keeps the paper's. At `--size real` the preset's model (SD-Turbo, an SD 2.1 UNet
+of about the same cost per step as SD 1.5's) is stood in for by the SD 1.5 architecture.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +76,11 @@ def build() -> nn.Module:
     )
 """
 LAYER = "2"  # the wide conv layer (module path inside the Sequential)
+# per size: target, layer, probe image px, text-to-image px and steps (paper: 50), model builders
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"layer": LAYER, "probe_px": 64, "sd_px": 32, "steps": 10},
+    "real": {"layer": "layer3", "probe_px": 224, "sd_px": 512, "steps": 50},
+}
 
 
 @dataclass
@@ -81,21 +95,48 @@ class Work:
         self.counts[key] = self.counts.get(key, 0) + n
 
 
+def build_models(root: Path, size: str) -> dict[str, str]:
+    """Local folders of the captioner, text-to-image model and CLIP of this size."""
+    if size == "tiny":
+        return {
+            "blip": str(build_tiny_blip(root / "blip")),
+            "sd": str(build_tiny_sd(root / "sd")),
+            "clip": str(build_tiny_clip(root / "clip")),
+        }
+    import realsize
+
+    built = {"blip": realsize.build_blip_large, "sd": realsize.build_sd15}
+    built["clip"] = realsize.build_clip_b16
+    # built once per workdir: the real-size folders take a minute and 4 GB
+    return {k: str(root / k if (root / k).exists() else fn(root / k)) for k, fn in built.items()}
+
+
+def _target(root: Path, args: argparse.Namespace, demo_transform: dict[str, Any]) -> dict:
+    if args.size == "tiny":
+        (root / "wide.py").write_text(FACTORY.format(width=args.neurons))
+        spec, transform, layer = f"python:{root / 'wide.py'}:build", demo_transform, LAYER
+    else:
+        spec, layer = "torchvision:resnet50", {"name": "layer3", "neurons": f"0-{args.neurons - 1}"}
+        transform = {"resize": 256, "crop": 224}
+    return {
+        "name": "wide",
+        "spec": spec,
+        "weights": None,
+        "transform": transform,
+        "layers": [layer],
+    }
+
+
 def build_config(root: Path, args: argparse.Namespace, server_url: str) -> Path:
-    (root / "wide.py").write_text(FACTORY.format(width=args.neurons))
+    size = SIZES[args.size]
+    models = build_models(root, args.size)
     cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     cfg["run"] = "bench"
-    cfg["targets"] = [
-        {
-            "name": "wide",
-            "spec": f"python:{root / 'wide.py'}:build",
-            "transform": cfg["targets"][0]["transform"],
-            "layers": [LAYER],
-        }
-    ]
-    cfg["probe"]["datasets"][0]["n_images"] = args.images
+    cfg["targets"] = [_target(root, args, cfg["targets"][0]["transform"])]
+    cfg["probe"]["datasets"][0] |= {"n_images": args.images, "image_size": size["probe_px"]}
     cfg |= {"chunk_size": 128, "shard_size": args.images, "top_k": args.top_k}
-    cfg["captioner"] = {"backend": "blip", "model": str(build_tiny_blip(root / "blip"))}
+    cfg |= {"device": args.device}
+    cfg["captioner"] = {"backend": "blip", "model": models["blip"]}
     cfg["llm"] = {
         "backend": "openai",
         "model": "fake-model",
@@ -104,16 +145,18 @@ def build_config(root: Path, args: argparse.Namespace, server_url: str) -> Path:
     }
     cfg["synthesizer"] = {
         "backend": "diffusers",
-        "model": str(build_tiny_sd(root / "sd")),
-        "steps": args.steps,
-        "size": 32,
-        "images_per_concept": 10,
+        "model": models["sd"],
+        "steps": args.steps or size["steps"],
+        "size": size["sd_px"],
+        "images_per_concept": args.images_per_concept,
     }
-    cfg["scoring"] = {
-        "similarity": {"backend": "clip", "model": str(build_tiny_clip(root / "clip"))}
-    }
+    if args.preset == "fast":
+        fast = yaml.safe_load((REPO / "config" / "fast.yaml").read_text())["synthesizer"]
+        cfg["synthesizer"] |= {"steps": fast["steps"], "guidance": fast["guidance"]}
+    cfg["scoring"] = {"similarity": {"backend": "clip", "model": models["clip"]}}
+    gpus = 0 if args.device == "cpu" else 1
     for stage in ("captions", "synthesis", "scores", "exemplars", "activations"):
-        cfg["resources"][stage] = {"gpus": 0, "cpus": 1, "mem_mb": 2000, "runtime": 60}
+        cfg["resources"][stage] = {"gpus": gpus, "cpus": 1, "mem_mb": 2000, "runtime": 60}
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -159,20 +202,29 @@ def _tokens(requests: list[dict[str, Any]], server: Any) -> int:
     return sum(server.completion(body, "")["usage"]["prompt_tokens"] for body in requests)
 
 
-def run_reference(root: Path, config: Path, server: Any, neurons: list[int]) -> Work:
-    """The reference code's structure: one neuron at a time, nothing shared or kept."""
+def the_layer(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark's one layer as {name, neurons}."""
+    (layer,) = cfg["targets"][0]["layers"]
+    return {"neurons": "all", **(layer if isinstance(layer, dict) else {"name": layer})}
+
+
+def run_reference(
+    root: Path, config: Path, server: Any, neurons: list[int], paper: dict[str, Any]
+) -> Work:
+    """The reference code's structure: one neuron at a time, nothing shared or kept; text-to-image
+    with the `paper` settings (steps, guidance) whatever the pipeline's preset."""
     cfg = validate_config(yaml.safe_load(config.read_text()))
     results = root / "results" / "bench"
+    layer = the_layer(cfg)
+    name = layer["name"]
     target = TargetSpec.from_dict(
-        {
-            **cfg["targets"][0],
-            "layers": [{"name": LAYER, "neurons": "all", "pooling": "avg", "tokens": "cls"}],
-        }
+        cfg["targets"][0] | {"layers": [{"pooling": "avg", "tokens": "cls", **layer}]}
     )
     manifest = results / "probe" / "manifest.parquet"
     paths = pd.read_parquet(manifest, columns=["image_id", "path"]).set_index("image_id")["path"]
-    layer_h5 = results / "activations" / "wide" / f"{LAYER}.h5"
-    synth = cfg["synthesizer"]
+    layer_h5 = results / "activations" / "wide" / f"{name}.h5"
+    synth = cfg["synthesizer"] | paper
+    device = cfg["device"]
     # the paper's calls, with no cache: every request reaches the server
     llm = cfg["llm"] | {"prompt_mode": "reference", "max_concurrency": 4}
     work = Work(neurons=len(neurons))
@@ -183,19 +235,19 @@ def run_reference(root: Path, config: Path, server: Any, neurons: list[int]) -> 
         folder.mkdir(parents=True)
         ex_file = folder / "exemplars.parquet"
         chunk_exemplars(
-            layer_h5, manifest, target, LAYER, [neuron], ex_file, cfg["top_k"], device="cpu"
+            layer_h5, manifest, target, name, [neuron], ex_file, cfg["top_k"], device=device
         )
         ex = pd.read_parquet(ex_file)
         work.add("target forward images", _crop_forwards(ex))
-        captioner = roles.captioner(cfg["captioner"], [], "cpu", "auto")  # loaded per neuron
+        captioner = roles.captioner(cfg["captioner"], [], device, "auto")  # loaded per neuron
         requests = [
             CaptionRequest(i, str(paths[i]), None if b is None else tuple(int(v) for v in b))
             for i, b in zip(ex["image_id"], ex["box"], strict=True)
         ]
         captions = captioner.caption(requests)
         work.add("captioned images", len(requests))
-        (record,) = roles.proposer(llm, None, "cpu", "auto").propose([(neuron, captions)])
-        drawer = roles.synthesizer(synth, "cpu", "auto")  # loaded per neuron
+        (record,) = roles.proposer(llm, None, device, "auto").propose([(neuron, captions)])
+        drawer = roles.synthesizer(synth, device, "auto")  # loaded per neuron
         rows = []
         # one candidate per summary call, drawn for each even when two summaries agree
         cands = record.candidates
@@ -239,10 +291,10 @@ def run_reference(root: Path, config: Path, server: Any, neurons: list[int]) -> 
             manifest,
             folder / "scores.parquet",
             target,
-            LAYER,
+            name,
             cfg["scoring"],
             cfg["top_k"],
-            {"batch_size": cfg["batch_size"], "workers": 0, "device": "cpu", "dtype": "auto"},
+            {"batch_size": cfg["batch_size"], "workers": 0, "device": device, "dtype": "auto"},
         )
         n_images = sum(len(r["images"]) for r in rows)
         work.add("target forward images", n_images)
@@ -269,36 +321,96 @@ def report(pipeline: Work, reference: Work) -> None:
         print(f"  {key:<28} {r:>12.2f} {p:>12.2f} {ratio:>8}")
 
 
+class GpuMemory:
+    """Peak memory in use on the GPU while a block runs (all processes: the pipeline's jobs are
+    subprocesses), sampled with nvidia-smi every 0.2 s; None without a GPU."""
+
+    def __init__(self, device: str) -> None:
+        self.enabled = device != "cpu" and shutil.which("nvidia-smi") is not None
+        self.peak_mib: int | None = None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def query(field: str) -> str:
+        cmd = ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", "0"]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            used = int(self.query("memory.used"))
+            self.peak_mib = max(self.peak_mib or 0, used)
+
+    def __enter__(self) -> GpuMemory:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
+    parser.add_argument("--size", choices=list(SIZES), default="tiny")
     parser.add_argument("--neurons", type=int, default=256)
     parser.add_argument("--reference-neurons", type=int, default=16)
     parser.add_argument("--images", type=int, default=400, help="probe images of the demo world")
     parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=10, help="denoising steps (both modes)")
     parser.add_argument(
-        "--workdir", type=Path, help="keep the run here (per-job times: results/bench/benchmarks)"
+        "--steps", type=int, help="denoising steps, both modes (default: tiny 10, real 50)"
+    )
+    parser.add_argument(
+        "--images-per-concept", type=int, default=10, help="Q, both modes (paper: 10)"
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["paper", "fast"],
+        default="paper",
+        help="fast: the pipeline draws with config/fast.yaml's steps and guidance",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (both modes)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the run here (per-job times: results/bench/benchmarks); the built models are "
+        "reused by the next run in the same folder",
     )
     args = parser.parse_args()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    if args.size == "real":
-        raise SystemExit("--size real is not built yet (see issue 7); use --size tiny")
+    steps = args.steps or SIZES[args.size]["steps"]
+    paper = {"steps": steps, "guidance": 7.5}
     with tempfile.TemporaryDirectory() as tmp, fake_openai(default=labeller) as server:
         root = args.workdir or Path(tmp)
+        for old in ("results", "reference", ".snakemake"):
+            shutil.rmtree(root / old, ignore_errors=True)  # a timed run starts from nothing
         root.mkdir(parents=True, exist_ok=True)
         config = build_config(root, args, server.base_url)
-        layer_h5 = f"results/bench/activations/wide/{LAYER}.h5"
+        cfg = yaml.safe_load(config.read_text())
+        layer_h5 = f"results/bench/activations/wide/{the_layer(cfg)['name']}.h5"
         snakemake(root, config, layer_h5)  # shared by both modes, untimed
-        pipeline = run_pipeline(root, config, server, args.neurons)
-        reference = run_reference(root, config, server, list(range(args.reference_neurons)))
+        with GpuMemory(args.device) as pipe_mem:
+            pipeline = run_pipeline(root, config, server, args.neurons)
+        with GpuMemory(args.device) as ref_mem:
+            reference = run_reference(
+                root, config, server, list(range(args.reference_neurons)), paper
+            )
+    synth = cfg["synthesizer"]
     print(
-        f"Describe-and-Dissect on {args.neurons} neurons (--size {args.size}, "
-        f"{args.images} probe images, K={args.top_k}, Q=10, {args.steps} steps); reference "
-        f"timed on {args.reference_neurons} neurons"
+        f"Describe-and-Dissect on {args.neurons} neurons (--size {args.size}, --device "
+        f"{args.device}, {args.images} probe images, K={args.top_k}, Q={args.images_per_concept}); reference timed on "
+        f"{args.reference_neurons} neurons with {steps} steps, guidance 7.5; pipeline "
+        f"(--preset {args.preset}) with {synth['steps']} steps, guidance {synth.get('guidance', 7.5)}"
     )
+    if pipe_mem.enabled:
+        print(
+            f"GPU: {GpuMemory.query('name')}; peak memory in use: pipeline {pipe_mem.peak_mib} "
+            f"MiB, reference {ref_mem.peak_mib} MiB"
+        )
     report(pipeline, reference)
 
 

@@ -53,6 +53,26 @@ def test_real_config_is_valid_once_the_imagenet_path_is_set(tmp_path: Path) -> N
     assert [layer.name for layer in target.layers] == ["layer1", "layer2", "layer3", "layer4", "fc"]
 
 
+def test_fast_preset_changes_only_the_text_to_image_model_and_its_steps(tmp_path: Path) -> None:
+    from snakemake.utils import update_config  # how `--configfile a.yaml b.yaml` layers files
+
+    paper = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    paper["probe"]["datasets"][0]["path"] = str(tmp_path)
+    fast = copy.deepcopy(paper)
+    update_config(fast, yaml.safe_load((REPO / "config" / "fast.yaml").read_text()))
+    paper, fast = validate_config(paper), validate_config(fast)
+    changed = {k: (paper["synthesizer"][k], v) for k, v in fast["synthesizer"].items()}
+    changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}
+    assert changed == {
+        "model": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/sd-turbo"),
+        "steps": (50, 1),
+        "guidance": (7.5, 0.0),
+    }
+    assert {k: v for k, v in fast.items() if k != "synthesizer"} == {
+        k: v for k, v in paper.items() if k != "synthesizer"
+    }
+
+
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     def mutate(cfg: dict[str, Any]) -> None:
         *parents, last = path.split(".")

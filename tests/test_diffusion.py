@@ -135,6 +135,20 @@ def test_named_scheduler_loads_and_draws(sd_folder: Path, name: str) -> None:
     assert image.size == (SIZE, SIZE)
 
 
+def test_draws_without_guidance_as_the_fast_preset_does(sd_folder: Path) -> None:
+    # config/fast.yaml: one step, guidance 0 (a distilled model: one UNet pass per step)
+    synth = DiffusersSynthesizer(str(sd_folder), steps=1, guidance=0.0, size=SIZE, device="cpu")
+    calls = []
+    forward = synth.pipe.unet.forward
+    synth.pipe.unet.forward = lambda sample, *a, **k: (
+        calls.append(len(sample)) or forward(sample, *a, **k)
+    )
+    images = synth.draw([request("red circle", 1), request("a dog", 2)])
+    assert [image.size for image in images] == [(SIZE, SIZE)] * 2
+    assert calls == [2]  # one pass over the batch, no unconditional copy
+    assert "steps=1:guidance=0.0" in synth.id
+
+
 # --- ImageStore ---------------------------------------------------------------------------------
 
 
