@@ -12,21 +12,18 @@ caption runs to `max_new_tokens` (30; trained BLIP stops after about 10-15).
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import (
     BertTokenizer,
     BlipConfig,
     BlipForConditionalGeneration,
     BlipImageProcessor,
     BlipProcessor,
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
@@ -34,7 +31,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_blip import SPECIAL, WORDS
-from tiny_diffusion import write_clip_tokenizer
+from tiny_diffusion import build_clip, save_sd, write_clip_tokenizer
 
 BERT_VOCAB = 30524  # BLIP's text decoder (bert-base-uncased plus [DEC] and padding)
 CLIP_VOCAB = 49408
@@ -108,31 +105,21 @@ def _clip_text(tokenizer: CLIPTokenizer, hidden: int, layers: int, heads: int) -
 
 def build_clip_b16(folder: str | Path, seed: int = 0) -> Path:
     """openai/clip-vit-base-patch16: ViT-B/16 at 224 px, 512-d projection."""
-    folder = Path(folder)
-    tokenizer = write_clip_tokenizer(folder)
-    image = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    config = CLIPConfig(
-        text_config=_clip_text(tokenizer, 512, 12, 8),
-        vision_config={
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "image_size": 224,
-            "patch_size": 16,
-        },
-        projection_dim=512,
-    )
-    torch.manual_seed(seed)
-    CLIPModel(config).eval().save_pretrained(folder)
-    image.save_pretrained(folder)
-    CLIPProcessor(image_processor=image, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
+    vision = {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "image_size": 224,
+        "patch_size": 16,
+    }
+    text = functools.partial(_clip_text, hidden=512, layers=12, heads=8)
+    return build_clip(folder, text, vision, projection_dim=512, seed=seed)
 
 
 def build_sd15(folder: str | Path, seed: int = 0) -> Path:
     """stable-diffusion-v1-5: 860M-parameter UNet on 64x64 latents, KL-f8 VAE, CLIP ViT-L/14
-    text encoder, the PNDM scheduler it ships with; saved in float16 (half the disk)."""
+    text encoder, its noise schedule; saved in float16 (half the disk)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = write_clip_tokenizer(folder / "tokenizer")
@@ -147,23 +134,5 @@ def build_sd15(folder: str | Path, seed: int = 0) -> Path:
         sample_size=512,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text(tokenizer, 768, 12, 12)))
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.to(dtype=torch.float16).save_pretrained(folder)
+    save_sd(folder, unet, vae, text_encoder, tokenizer, torch.float16)
     return folder

@@ -10,6 +10,7 @@ format changes between transformers and diffusers versions.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,23 +117,35 @@ def _text_config(tokenizer: CLIPTokenizer) -> dict[str, int]:
 def build_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     """Random CLIP (vision hidden 32, 2 layers, 32 px images, 8 px patches, projection 16) with
     its image processor and tokenizer, saved in `folder`."""
+    vision = {
+        "hidden_size": HIDDEN,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": IMAGE_SIZE,
+        "patch_size": 8,
+    }
+    return build_clip(folder, _text_config, vision, projection_dim=16, seed=seed)
+
+
+def build_clip(
+    folder: str | Path,
+    text_config: Callable[[CLIPTokenizer], dict[str, int]],
+    vision_config: dict[str, int],
+    projection_dim: int,
+    seed: int = 0,
+) -> Path:
+    """A random CLIP of the given shape with its image processor and the offline tokenizer."""
     folder = Path(folder)
     tokenizer = write_clip_tokenizer(folder)
+    size = vision_config["image_size"]
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     )
     config = CLIPConfig(
-        text_config=_text_config(tokenizer),
-        vision_config={
-            "hidden_size": HIDDEN,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 8,
-        },
-        projection_dim=16,
+        text_config=text_config(tokenizer),
+        vision_config=vision_config,
+        projection_dim=projection_dim,
     )
     torch.manual_seed(seed)
     CLIPModel(config).eval().save_pretrained(folder)
@@ -172,7 +185,19 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
         sample_size=IMAGE_SIZE,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer)))
-    # Stable Diffusion 1.5's noise schedule
+    save_sd(folder, unet, vae, text_encoder, tokenizer)
+    return folder
+
+
+def save_sd(
+    folder: Path,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Save the parts as a Stable Diffusion pipeline folder, with SD 1.5's noise schedule."""
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -191,5 +216,4 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder)
-    return folder
+    pipe.to(dtype=dtype).save_pretrained(folder)
