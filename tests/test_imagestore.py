@@ -127,3 +127,35 @@ def test_a_live_claim_is_waited_for_not_redrawn(tmp_path: Path) -> None:
     other.join()
     assert drawn == 1 and drawer.drawn == [(own.concept, own.seed)]  # its own image only
     assert all(p.exists() for p in paths)
+
+
+class Failing(Recording):
+    def __init__(self, on_call: int, broken_image: bool = False) -> None:
+        super().__init__()
+        self.on_call, self.broken_image, self.calls = on_call, broken_image, 0
+
+    def draw(self, batch: Sequence[ImageRequest]) -> list[Image.Image]:
+        self.calls += 1
+        images = super().draw(batch)
+        if self.calls == self.on_call:
+            if not self.broken_image:
+                raise RuntimeError("CUDA out of memory")
+            images[0].convert = None  # type: ignore[method-assign]  # fails in a writer thread
+        return images
+
+
+@pytest.mark.parametrize("broken_image", [False, True], ids=["draw-fails", "write-fails"])
+def test_a_failure_releases_the_claims_and_keeps_what_was_stored(
+    tmp_path: Path, broken_image: bool
+) -> None:
+    store = ImageStore(tmp_path)
+    wanted = requests(range(2))  # 10 images, batches of 4: the second batch fails
+    with pytest.raises((RuntimeError, TypeError)):
+        store.ensure(Failing(on_call=2, broken_image=broken_image), wanted, batch_size=4)
+    assert not list(tmp_path.rglob("*.claim"))
+    assert not list(tmp_path.rglob(".*.tmp-*"))
+    stored = len(list(tmp_path.rglob("*.png")))
+    # a failed draw stops the job after the first batch; a failed write only loses that image
+    assert stored == (9 if broken_image else 4)
+    _, drawn = store.ensure(Recording(), wanted, batch_size=4)
+    assert drawn == 10 - stored

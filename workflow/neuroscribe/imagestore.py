@@ -21,6 +21,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -50,10 +51,13 @@ class Drawer(Protocol):
 
 
 class ImageStore:
-    def __init__(self, root: str | Path, stale_after: float = 600.0, poll: float = 0.5) -> None:
+    def __init__(
+        self, root: str | Path, stale_after: float = 600.0, poll: float = 0.5, writers: int = 4
+    ) -> None:
         self.root = Path(root)
         self.stale_after = stale_after
         self.poll = poll
+        self.writers = writers
 
     def key(self, drawer_id: str, request: ImageRequest) -> str:
         return cache_key({"synthesizer": drawer_id, "prompt": request.prompt, "seed": request.seed})
@@ -64,8 +68,10 @@ class ImageStore:
     def ensure(
         self, drawer: Drawer, requests: Sequence[ImageRequest], batch_size: int = 16
     ) -> tuple[list[Path], int]:
-        """The image file of every request, drawing only the missing ones (in batches, each
-        batch stored before the next); returns (paths in request order, images drawn)."""
+        """The image file of every request, drawing only the missing ones; returns (paths in
+        request order, images drawn). Images are encoded and written by a few threads while the
+        next batch is drawn (PNG encoding of a 512 px image takes about as long as a one-step
+        model draws it); at most two batches wait to be written."""
         keys = [self.key(drawer.id, r) for r in requests]
         queue: deque[tuple[str, ImageRequest]] = deque()
         for k, r in dict(zip(keys, requests, strict=True)).items():
@@ -73,14 +79,22 @@ class ImageStore:
                 queue.append((k, r))
         missing, drawn = len(queue), 0
         waiting: list[tuple[str, ImageRequest]] = []
-        while queue or waiting:
-            batch = self._claim_batch(queue, waiting, batch_size)
-            if batch:
-                drawn += self._draw(drawer, batch)
-            elif waiting:  # only images other jobs are drawing are left
-                time.sleep(self.poll)
-                queue.extend(waiting)
-                waiting.clear()
+        with ThreadPoolExecutor(self.writers, thread_name_prefix="imagestore") as pool:
+            writes: deque[Future[None]] = deque()
+            while queue or waiting:
+                batch = self._claim_batch(queue, waiting, batch_size)
+                if batch:
+                    images = self._draw(drawer, batch)
+                    writes += [pool.submit(self._store, k, im) for k, im in images]
+                    drawn += len(batch)
+                    while len(writes) > 2 * batch_size:
+                        writes.popleft().result()
+                elif waiting:  # only images other jobs are drawing are left
+                    time.sleep(self.poll)
+                    queue.extend(waiting)
+                    waiting.clear()
+            for write in writes:
+                write.result()  # an encoding error fails the job here
         if missing > drawn:
             log.info("image store: %d images drawn by other jobs meanwhile", missing - drawn)
         return [self.path(k) for k in keys], drawn
@@ -106,20 +120,27 @@ class ImageStore:
                 batch.append((key, request))
         return batch
 
-    def _draw(self, drawer: Drawer, batch: list[tuple[str, ImageRequest]]) -> int:
+    def _draw(
+        self, drawer: Drawer, batch: list[tuple[str, ImageRequest]]
+    ) -> list[tuple[str, Image.Image]]:
         try:
             images = drawer.draw([r for _, r in batch])
             if len(images) != len(batch):
                 raise RuntimeError(
                     f"synthesizer {drawer.id} returned {len(images)} images for {len(batch)} prompts"
                 )
-            for (k, _), image in zip(batch, images, strict=True):
-                with atomic_path(self.path(k)) as tmp:
-                    image.convert("RGB").save(tmp, format="PNG")
-        finally:
+        except BaseException:
             for k, _ in batch:
                 self.claim_path(k).unlink(missing_ok=True)
-        return len(batch)
+            raise
+        return [(k, image) for (k, _), image in zip(batch, images, strict=True)]
+
+    def _store(self, key: str, image: Image.Image) -> None:
+        try:
+            with atomic_path(self.path(key)) as tmp:
+                image.convert("RGB").save(tmp, format="PNG")
+        finally:
+            self.claim_path(key).unlink(missing_ok=True)
 
     def claim_path(self, key: str) -> Path:
         return self.path(key).with_suffix(".claim")
@@ -147,8 +168,8 @@ class ImageStore:
             return True  # released meanwhile: claim it
         host, pid, job = [*holder.split(), "", "", ""][:3]
         if host == socket.gethostname() and pid.isdigit():
-            # this process holds claims only while it draws them: a claim under its own pid
-            # was left by a dead process whose pid was reused
+            # this process never meets its own claims (an `ensure` call asks for a key once
+            # and releases all its claims before returning): the pid was reused after a death
             mine_or_dead = int(pid) == os.getpid() or not _alive(int(pid))
             return mine_or_dead or age > self.stale_after
         if job and job == os.environ.get("SLURM_JOB_ID"):
