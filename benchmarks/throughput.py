@@ -77,7 +77,7 @@ def build() -> nn.Module:
     )
 """
 LAYER = "2"  # the wide conv layer (module path inside the Sequential)
-# per size: target, layer, probe image px, text-to-image px and steps (paper: 50), model builders
+# per size: the described layer, probe image px, text-to-image px and steps (the paper: 50)
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"layer": LAYER, "probe_px": 64, "sd_px": 32, "steps": 10},
     "real": {"layer": "layer3", "probe_px": 224, "sd_px": 512, "steps": 50},
@@ -108,8 +108,13 @@ def build_models(root: Path, size: str) -> dict[str, str]:
 
     built = {"blip": realsize.build_blip_large, "sd": realsize.build_sd15}
     built["clip"] = realsize.build_clip_b16
-    # built once per workdir: the real-size folders take a minute and 4 GB
-    return {k: str(root / k if (root / k).exists() else fn(root / k)) for k, fn in built.items()}
+    # built once per workdir (the real-size folders take a minute and 4 GB), under a temporary
+    # name first so that an interrupted build is never taken for a finished one
+    for name, build in built.items():
+        if not (root / name).exists():
+            shutil.rmtree(root / f".{name}.tmp", ignore_errors=True)
+            build(root / f".{name}.tmp").rename(root / name)
+    return {name: str(root / name) for name in built}
 
 
 def _target(root: Path, args: argparse.Namespace, demo_transform: dict[str, Any]) -> dict:
@@ -117,7 +122,8 @@ def _target(root: Path, args: argparse.Namespace, demo_transform: dict[str, Any]
         (root / "wide.py").write_text(FACTORY.format(width=args.neurons))
         spec, transform, layer = f"python:{root / 'wide.py'}:build", demo_transform, LAYER
     else:
-        spec, layer = "torchvision:resnet50", {"name": "layer3", "neurons": f"0-{args.neurons - 1}"}
+        spec = "torchvision:resnet50"
+        layer = {"name": SIZES["real"]["layer"], "neurons": f"0-{args.neurons - 1}"}
         transform = {"resize": 256, "crop": 224}
     return {
         "name": "wide",
