@@ -111,6 +111,23 @@ def test_text_file_named_png_is_rejected_as_unidentifiable(tmp_path: Path) -> No
     assert rejected["path"].iloc[0] == str(root / "notes.png")
 
 
+def test_many_rejects_are_logged_briefly_and_listed_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "images"
+    save_rgb(root / "real.png")
+    for i in range(25):
+        (root / f"stray-{i:02d}.png").write_text("not an image\n")
+
+    with caplog.at_level("WARNING", logger="neuroscribe.probe"):
+        (_, n_rejected), _, rejected = run_probe(tmp_path, [folder("mixed", root)])
+
+    assert n_rejected == len(rejected) == 25
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == probe.LOGGED_REJECTS + 1
+    assert lines[-1].startswith("... and 15 more rejected files, all listed in ")
+
+
 def test_missing_file_in_a_file_list_is_rejected(tmp_path: Path) -> None:
     save_rgb(tmp_path / "lists" / "here.png")
     listing = tmp_path / "lists" / "list.csv"

@@ -20,6 +20,7 @@ from neuroscribe.tables import write_table
 from neuroscribe.world import images_folder
 
 log = logging.getLogger(__name__)
+LOGGED_REJECTS = 10
 
 
 class EmptyProbeError(RuntimeError):
@@ -185,8 +186,15 @@ def build_manifest(
                 "height": height,
             }
         )
-    for item in rejected:
+    # the first few name the problem; a folder of thousands of stray files must not flood the log
+    for item in rejected[:LOGGED_REJECTS]:
         log.warning("rejected %s: %s", item["path"], item["reason"])
+    if len(rejected) > LOGGED_REJECTS:
+        log.warning(
+            "... and %d more rejected files, all listed in %s",
+            len(rejected) - LOGGED_REJECTS,
+            rejected_path,
+        )
     if not rows:
         names = ", ".join(f"{d.name} ({d.path or d.type})" for d in datasets)
         raise EmptyProbeError(
