@@ -118,13 +118,12 @@ def build_models(root: Path, size: str) -> dict[str, str]:
 
 
 def _target(root: Path, args: argparse.Namespace, demo_transform: dict[str, Any]) -> dict:
-    if args.size == "tiny":
+    if args.size == "tiny":  # a layer of exactly N channels
         (root / "wide.py").write_text(FACTORY.format(width=args.neurons))
-        spec, transform, layer = f"python:{root / 'wide.py'}:build", demo_transform, LAYER
+        spec, transform = f"python:{root / 'wide.py'}:build", demo_transform
     else:
-        spec = "torchvision:resnet50"
-        layer = {"name": SIZES["real"]["layer"], "neurons": f"0-{args.neurons - 1}"}
-        transform = {"resize": 256, "crop": 224}
+        spec, transform = "torchvision:resnet50", {"resize": 256, "crop": 224}
+    layer = {"name": SIZES[args.size]["layer"], "neurons": f"0-{args.neurons - 1}"}
     return {
         "name": "wide",
         "spec": spec,
@@ -213,9 +212,9 @@ def _tokens(requests: list[dict[str, Any]], server: Any) -> int:
 
 
 def the_layer(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The benchmark's one layer as {name, neurons}."""
+    """The benchmark's one layer, {name, neurons}."""
     (layer,) = cfg["targets"][0]["layers"]
-    return {"neurons": "all", **(layer if isinstance(layer, dict) else {"name": layer})}
+    return layer
 
 
 def run_reference(
