@@ -3,14 +3,16 @@ others wait for it, and claims left by killed jobs are taken over."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import multiprocessing
 import os
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,83 @@ def test_claims_of_dead_jobs_are_taken_over(
     (path,), drawn = store.ensure(drawer, [request])
     assert drawn == 1 and path.exists() and not claim.exists()
     assert time.perf_counter() - start < 5  # taken over, not waited out
+
+
+@pytest.mark.parametrize(
+    "holder", ["", "\x00\x00\x00", "not a claim\n"], ids=["empty", "nul", "garbled"]
+)
+def test_empty_or_garbled_claims_are_taken_over_at_once(tmp_path: Path, holder: str) -> None:
+    store = ImageStore(tmp_path, stale_after=10.0, poll=0.01)  # a wait fails the test in 10 s
+    (request,) = requests(range(1))[:1]
+    claim = _claimed(store, request, holder)  # fresh: a full disk left it as the job wrote it
+    start = time.perf_counter()
+    (path,), drawn = store.ensure(Recording(), [request])
+    assert drawn == 1 and path.exists() and not claim.exists()
+    assert time.perf_counter() - start < 5
+
+
+def _fail_on_call(call: int, real: Callable[..., object]) -> Callable[..., object]:
+    """`real`, raising ENOSPC (a full disk) on its `call`-th use."""
+    calls = 0
+
+    def fake(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args)
+
+    return fake
+
+
+@pytest.mark.parametrize("step", ["write", "link"])
+def test_a_claim_that_cannot_be_written_fails_the_job_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    store = ImageStore(tmp_path, poll=0.01)
+    wanted = requests(range(1))
+    # the disk fills while the third claim of the batch is written (a real full disk cannot be
+    # made in a test, so the OS call fails as it would)
+    monkeypatch.setattr(os, step, _fail_on_call(3, getattr(os, step)))
+    with pytest.raises(OSError, match=r"cannot write the claim .*\.claim") as failed:
+        store.ensure(Recording(), wanted)
+    assert failed.value.errno == errno.ENOSPC
+    assert not list(tmp_path.rglob("*.claim"))  # its own first two claims were released too
+    assert not list(tmp_path.rglob(".*.tmp-*"))
+    monkeypatch.undo()  # space freed: the next job draws everything without waiting
+    start = time.perf_counter()
+    _, drawn = store.ensure(Recording(), wanted)
+    assert drawn == len(wanted) and time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("report_every", [30.0, 0.1])
+def test_waiting_on_claims_is_logged_naming_the_holder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, report_every: float
+) -> None:
+    store = ImageStore(tmp_path, stale_after=60.0, poll=0.01, report_every=report_every)
+    (shared,) = requests(range(1))[:1]
+    claim = _claimed(store, shared, "node-7 4242 777\n")
+
+    def other_job_finishes() -> None:
+        time.sleep(0.35)
+        (image,) = ProceduralSynthesizer(32).draw([shared])
+        image.save(claim.with_suffix(".png"))
+        claim.unlink()
+
+    other = threading.Thread(target=other_job_finishes)
+    other.start()
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="neuroscribe.imagestore"):
+        store.ensure(Recording(), [shared])
+    waited = time.perf_counter() - start
+    other.join()
+    lines = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert lines, "the job waited silently"
+    assert "waiting for 1 images" in lines[0] and "node-7 pid 4242 SLURM job 777 (1)" in lines[0]
+    assert str(claim) in lines[0]
+    # once at the start of the wait and then every `report_every`, not at every 10 ms poll
+    assert len(lines) <= waited / report_every + 1
+    assert len(lines) >= (2 if waited > 2 * report_every else 1)
 
 
 def test_a_live_claim_is_waited_for_not_redrawn(tmp_path: Path) -> None:
