@@ -75,3 +75,39 @@ def run_snakemake(
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` from /proc, or None if it has exited."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and ")", so fields start after the last ")"
+    return int(stat[stat.rindex(")") + 1 :].split()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below `pid` (its children, theirs, ...), found by walking /proc, so a
+    test signals only processes it started itself, never other runs or users on the machine."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (parent := _parent_of(int(entry.name))) is not None:
+            children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def command_line(pid: int) -> list[str]:
+    """The arguments `pid` was started with ([] if it has exited)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    # each argument ends with a NUL (a process that rewrote its title may drop the last one)
+    return raw.removesuffix(b"\0").decode(errors="replace").split("\0") if raw else []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +14,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake, snakemake_command, workflow_env
+from conftest import (
+    REPO,
+    command_line,
+    descendants,
+    run_snakemake,
+    snakemake_command,
+    workflow_env,
+)
 from neuroscribe.progress import ProgressRecord, rows_in_parts, write_from_record
 from neuroscribe.tables import to_arrow
 
@@ -91,6 +100,34 @@ def test_an_input_rewritten_with_the_same_contents_keeps_the_record(tmp_path: Pa
     assert resumed.from_record == 2
 
 
+def test_descendants_are_the_processes_a_test_started_and_no_others(tmp_path: Path) -> None:
+    # a grandchild whose name holds spaces and parentheses, as /proc/PID/stat's comm may
+    odd = tmp_path / "sl) 1 (eep"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", odd)
+    tree = subprocess.Popen(["sh", "-c", 'sh -c "\\"$0\\" 30; true" & wait', str(odd)])
+    unrelated = subprocess.Popen(["sleep", "30"])  # a sibling: not below `tree`
+    found: list[int] = []
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+            command_line(p)[:1] == [str(odd)] for p in found
+        ):
+            time.sleep(0.02)
+            found = descendants(tree.pid)
+        assert [command_line(p) for p in found] == [
+            ["sh", "-c", f'"{odd}" 30; true'],
+            [str(odd), "30"],
+        ]
+        assert unrelated.pid not in found and tree.pid not in found
+        assert descendants(unrelated.pid) == []
+    finally:
+        for pid in [*found, tree.pid, unrelated.pid]:  # only the processes this test started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        tree.wait()
+        unrelated.wait()
+
+
 def _config(workdir: Path) -> Path:
     cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     cfg["probe"]["datasets"][0]["n_images"] = 60
@@ -102,18 +139,24 @@ def _config(workdir: Path) -> Path:
     return path
 
 
+def _stage_jobs(snakemake: int, stage: str) -> list[int]:
+    """The processes running `stage` (`python -m neuroscribe STAGE` and the shell around it) that
+    the snakemake process `snakemake` started; never another run's jobs on the same machine."""
+    wanted = f"-m neuroscribe {stage} "
+    return [p for p in descendants(snakemake) if wanted in " ".join(command_line(p)) + " "]
+
+
 def _kill_stage_when_saved(stage: str, record: Path, cmd: list[str], env: dict[str, str]) -> int:
-    """Run snakemake; SIGKILL the stage's job process once its first part is saved."""
+    """Run snakemake; SIGKILL its job process for the stage once the first part is saved."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     killed = False
     while proc.poll() is None and time.monotonic() < deadline:
         if not killed and any(record.glob("part-*.parquet")):
-            job = subprocess.run(
-                ["pgrep", "-f", f"neuroscribe {stage} "], capture_output=True, text=True
-            ).stdout.split()
+            job = _stage_jobs(proc.pid, stage)
             for pid in job:
-                os.kill(int(pid), signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # exited since it was found
+                    os.kill(pid, signal.SIGKILL)
             killed = bool(job)
         time.sleep(0.01)
     assert killed, f"the {stage} job finished before it could be killed"
