@@ -4,8 +4,9 @@ Builds a config whose target has `--neurons` neurons across `--layers` layers (a
 of wide Linear layers, inspected on the meta device like any target, so no weights are made),
 with Describe-and-Dissect on, at the default chunk size, and times a dry run of the real
 Snakefile under profiles/slurm in a fresh process. Prints wall seconds, peak memory (max RSS
-of the snakemake process), the jobs it plans per rule, and the SLURM jobs they make with the
-profile's groups.
+of the snakemake process), the jobs it plans per rule, the SLURM jobs they make with the
+profile's groups, and the part of a parse spent surveying the probe folder (listing, one stat per
+file for the manifest's fingerprint).
 
     .venv/bin/python benchmarks/planning.py                 # 100,000 neurons, 4 layers
 """
@@ -118,8 +119,21 @@ def main() -> None:
             + ", ".join(f"{k} {v}" for k, v in slurm["submitted"].items())
             + ")"
         )
+        print(f"  of which the probe survey: {survey_seconds(probe):.2f} s")
         ok = wall <= 30 and peak_mb <= 2048
         print(f"  target <= 30 s and <= 2 GB: {'met' if ok else 'NOT met'}")
+
+
+def survey_seconds(probe: Path) -> float:
+    """What a parse spends on the probe folder, in this process as in snakemake's: listing it,
+    one stat per file for the manifest's fingerprint, counting image extensions (with loading
+    Pillow's plugins once for their extensions)."""
+    from neuroscribe.config import DatasetSpec
+    from neuroscribe.probe import survey_probe
+
+    start = time.perf_counter()
+    survey_probe([DatasetSpec(name="probe", type="folder", path=str(probe))])
+    return time.perf_counter() - start
 
 
 def slurm_jobs(jobs: dict[str, int]) -> dict:

@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import resource
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
+from conftest import run_snakemake, workflow_env
 from neuroscribe import probe
 from neuroscribe.config import ConfigError, DatasetSpec
+from neuroscribe.fanout import build_layout
+from neuroscribe.plan import build_plan, format_plan
 from neuroscribe.probe import (
     EmptyProbeError,
     build_manifest,
-    count_candidates,
+    check_image,
     demo_folder,
     image_id,
     load_rgb,
     shard_rows,
+    survey_probe,
 )
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -302,6 +311,127 @@ def test_two_datasets_covering_the_same_file_reject_the_second(tmp_path: Path) -
     ]
 
 
+def test_byte_identical_files_keep_the_first_in_candidate_order(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    original = save_rgb(first / "b.png", seed=1)
+    save_rgb(first / "c.png", seed=2)
+    (first / "sub").mkdir()
+    second.mkdir()
+    shutil.copy(original, first / "a_copy.png")  # sorts before the original: it is kept
+    shutil.copy(original, first / "sub" / "z_copy.png")
+    shutil.copy(original, second / "again.png")
+    (first / "same_text.png").write_text("not an image")
+    (first / "same_text_too.png").write_text("not an image")  # rejected as unreadable, twice
+
+    (accepted, n_rejected), manifest, rejected = run_probe(
+        tmp_path, [folder("one", first), folder("two", second)]
+    )
+
+    assert (accepted, n_rejected) == (2, 5)
+    assert sorted(Path(p).name for p in manifest["path"]) == ["a_copy.png", "c.png"]
+    why = reasons(rejected)
+    assert why["b.png"] == "same content as one/a_copy.png"
+    assert why["z_copy.png"] == "same content as one/a_copy.png"
+    assert why["again.png"] == "same content as one/a_copy.png"
+    assert why["same_text.png"].startswith("UnidentifiedImageError")
+    assert why["same_text_too.png"].startswith("UnidentifiedImageError")
+
+
+def test_same_pixels_in_different_bytes_are_not_duplicates(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    root.mkdir()
+    Image.fromarray(pixels).save(root / "a.png", compress_level=1)
+    Image.fromarray(pixels).save(root / "b.png", compress_level=9)
+    assert (root / "a.png").read_bytes() != (root / "b.png").read_bytes()
+
+    (accepted, n_rejected), _, _ = run_probe(tmp_path, [folder("px", root)])
+
+    assert (accepted, n_rejected) == (2, 0)  # the hash is of the file, not of the pixels
+
+
+# -- file names that are not UTF-8 ------------------------------------------------------------
+
+
+def bad_name(folder_path: Path, name: bytes, data: bytes) -> str:
+    """Write `data` under a file name made of raw bytes; return the name as Python sees it."""
+    folder_path.mkdir(parents=True, exist_ok=True)
+    raw = os.fsencode(folder_path) + b"/" + name
+    with open(raw, "wb") as f:
+        f.write(data)
+    return os.fsdecode(raw)
+
+
+def test_file_name_that_is_not_utf8_is_rejected_not_fatal(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    good = save_rgb(root / "good.png", seed=1)
+    other = save_rgb(tmp_path / "elsewhere.png", seed=2).read_bytes()
+    bad = bad_name(root, b"bad\xff.png", other)
+    target = bad_name(
+        tmp_path / "outside", b"caf\xe9.png", save_rgb(tmp_path / "x.png").read_bytes()
+    )
+    (root / "link.png").symlink_to(target)  # a good name for a file with a bad one
+
+    (accepted, n_rejected), manifest, rejected = run_probe(tmp_path, [folder("names", root)])
+
+    assert (accepted, n_rejected) == (1, 2)
+    assert list(manifest["path"]) == [str(good.resolve())]
+    rows = dict(zip(rejected["path"], rejected["reason"], strict=True))
+    assert rows[f"{root}/bad\\xff.png"] == "file name is not valid UTF-8; rename it"
+    assert rows[str(root / "link.png")] == (
+        f"it links to {tmp_path.resolve()}/outside/caf\\xe9.png, whose name is not valid UTF-8; "
+        "rename that file"
+    )
+    # ... and the count and fingerprint made when the workflow is parsed do not fail either
+    survey = survey_probe([folder("names", root)])
+    assert (survey.files, survey.image_files) == (3, 3)
+    os.rename(bad, bad.replace("bad", "worse"))
+    assert survey_probe([folder("names", root)]).fingerprint != survey.fingerprint
+
+
+# -- thin decompression bombs -----------------------------------------------------------------
+
+
+def test_thin_image_that_resizing_would_blow_up_is_rejected(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (50000, 1), (200, 10, 10)).save(root / "strip.png")
+    Image.new("L", (1, 50000), 30).save(root / "pole.png")
+    save_rgb(root / "photo.jpg", size=(400, 300))
+    Image.new("RGB", (3000, 10)).save(root / "banner.png")  # 19200x64 at 64 px: 1.2 megapixels
+    assert (root / "strip.png").stat().st_size < 1000  # a tiny file...
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    results = tmp_path / "results"
+    args = (results / "manifest.parquet", results / "rejected.parquet")
+
+    build_manifest([folder("thin", root)], results, *args, resize=256)
+
+    # ...whose resize (12800000x256 RGB: 9.8 GB) was never attempted
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 500_000  # KiB
+    why = reasons(pd.read_parquet(args[1]))
+    assert set(why) == {"strip.png", "pole.png", "banner.png"}
+    assert why["strip.png"].startswith(
+        "aspect ratio 50000:1 (50000×1): resizing the shorter side to 256 px would make a "
+        "12800000×256 image (3,277 megapixels, over the limit of 16); crop it"
+    )
+    assert "would make a 256×12800000 image" in why["pole.png"]
+    assert "aspect ratio 300:1 (3000×10)" in why["banner.png"]  # 76800x256 at 256 px
+    # the bound follows the largest resize of the targets: at 64 px the banner is fine
+    build_manifest([folder("thin", root)], results, *args, resize=64)
+    assert set(reasons(pd.read_parquet(args[1]))) == {"strip.png", "pole.png"}
+
+
+def test_resized_size_bound_is_inclusive(tmp_path: Path) -> None:
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    Image.new("RGB", (2, 1)).save(tmp_path / "pair.png")
+    assert probe.MAX_RESIZED_PIXELS == 4000 * 4000
+    assert check_image(str(tmp_path / "dot.png"), resize=4000).reason is None  # exactly 16 Mpx
+    (width, height, _, reason) = check_image(str(tmp_path / "pair.png"), resize=2829)
+    assert (width, height) == (0, 0)
+    assert reason is not None and "5658×2829 image" in reason  # 16.006 megapixels
+    assert check_image(str(tmp_path / "pair.png"), resize=2828).reason is None
+
+
 # -- image modes ------------------------------------------------------------------------------
 
 
@@ -446,7 +576,7 @@ def test_parquet_file_list_with_labels_relative_to_the_list(
         (7, 8),
         (9, 10),
     ]
-    assert count_candidates([ds]) == 3
+    assert survey_probe([ds]).files == 3
 
 
 def test_csv_file_list_with_default_columns(tmp_path: Path) -> None:
@@ -484,22 +614,182 @@ def test_csv_file_list_without_the_path_column_is_a_config_error(tmp_path: Path)
     assert not (results / "manifest.parquet").exists()
 
 
+# -- the fingerprint that reruns the manifest -------------------------------------------------
+
+
+def fingerprint(datasets: list[DatasetSpec]) -> str:
+    return survey_probe(datasets).fingerprint
+
+
+def later(path: Path) -> None:
+    """Move a file's mtime on by a second, as a rewrite a moment later does."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def test_fingerprint_changes_when_a_file_is_replaced_or_renamed(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for i in range(4):
+        save_rgb(root / f"{i}.bmp", seed=i)  # uncompressed: same size, same number of bytes
+    datasets = [folder("f", root)]
+    before = survey_probe(datasets)
+    assert survey_probe(datasets) == before  # nothing changed, nothing to redo
+
+    # replaced in place by another picture of the same byte size, and one renamed: same count
+    replaced = root / "1.bmp"
+    other = save_rgb(tmp_path / "other.bmp", seed=9).read_bytes()
+    assert len(other) == replaced.stat().st_size and other != replaced.read_bytes()
+    replaced.write_bytes(other)
+    later(replaced)
+    (root / "3.bmp").rename(root / "3b.bmp")
+
+    after = survey_probe(datasets)
+    assert (after.files, after.image_files) == (before.files, before.image_files) == (4, 4)
+    assert after.fingerprint != before.fingerprint
+    assert survey_probe(datasets) == after
+
+
+@pytest.mark.parametrize("change", ["rewrite", "rename", "add", "remove", "bigger"])
+def test_fingerprint_notices_each_kind_of_change(tmp_path: Path, change: str) -> None:
+    root = tmp_path / "images"
+    for i in range(3):
+        save_rgb(root / "sub" / f"{i}.png", seed=i)
+    datasets = [folder("f", root, labels="subfolder")]
+    before = fingerprint(datasets)
+    target = root / "sub" / "1.png"
+    if change == "rewrite":  # same bytes count, later mtime
+        target.write_bytes(target.read_bytes()[::-1])
+        later(target)
+    elif change == "rename":
+        target.rename(root / "sub" / "1x.png")
+    elif change == "add":
+        save_rgb(root / "new.png")
+    elif change == "remove":
+        target.unlink()
+    else:  # rewritten within the same clock tick: the size still tells
+        st = target.stat()
+        save_rgb(target, size=(30, 30))
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fingerprint(datasets) != before
+
+
+def test_fingerprint_of_a_file_list_covers_the_list_and_its_files(tmp_path: Path) -> None:
+    lists = tmp_path / "lists"
+    save_rgb(lists / "a.png", seed=1)
+    save_rgb(lists / "b.png", seed=2)
+    listing = lists / "list.csv"
+    listing.write_text("path,label\na.png,x\nb.png,y\nmissing.png,z\n")
+    datasets = [filelist("l", listing)]
+    first = fingerprint(datasets)
+    assert fingerprint(datasets) == first
+
+    listing.write_text("path,label\na.png,x\nb.png,Y\nmissing.png,z\n")  # a label changed
+    later(listing)
+    second = fingerprint(datasets)
+    assert second != first
+
+    save_rgb(lists / "b.png", size=(50, 50))  # a listed file rewritten
+    later(lists / "b.png")
+    third = fingerprint(datasets)
+    assert third != second
+
+    save_rgb(lists / "missing.png")  # a missing file appears
+    assert fingerprint(datasets) != third
+
+
+def test_fingerprint_ignores_demo_folders_and_names_the_datasets(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    save_rgb(root / "a.png")
+    demo = DatasetSpec(name="world", type="demo", n_images=5)
+    # a demo dataset is rendered by the workflow: its folder is the manifest rule's input
+    assert survey_probe([demo]) == survey_probe([demo])
+    assert survey_probe([demo]).files == 5
+    assert fingerprint([folder("f", root), demo]) != fingerprint([folder("g", root), demo])
+
+
+# -- the plan and the workflow ----------------------------------------------------------------
+
+
+def tiny_config(probe_root: Path) -> dict[str, Any]:
+    """A complete config: the demo CNN with random weights on a folder of images."""
+    return {
+        "run": "probe",
+        "targets": [
+            {
+                "name": "net",
+                "spec": "python:neuroscribe.demo:tiny_cnn",
+                "transform": {"resize": 64, "crop": 64},
+                "layers": ["conv2"],
+            }
+        ],
+        "probe": {"datasets": [{"name": "pics", "type": "folder", "path": str(probe_root)}]},
+        "methods": ["topk"],
+        "device": "cpu",
+    }
+
+
+def test_plan_counts_image_files_apart_from_other_files(tmp_path: Path) -> None:
+    root = tmp_path / "pics"
+    for i in range(3):
+        save_rgb(root / f"{i}.png", seed=i)
+    (root / "README.md").write_text("about these pictures")
+    (root / "gallery.md").write_text("![a](0.png)")
+    config = tiny_config(root)
+
+    plan = build_plan(build_layout(config, tmp_path / "results"), config)
+
+    assert plan["probe"]["files"] == 5
+    assert plan["probe"]["image_files"] == 3
+    assert "  probe: 5 files (3 with image extensions) in 1 dataset(s) (pics)" in format_plan(plan)
+
+
+def test_snakemake_reruns_the_manifest_when_a_probe_file_changes(tmp_path: Path) -> None:
+    root = tmp_path / "pics"
+    for i in range(10):
+        save_rgb(root / f"{i}.png", seed=i)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(root)))
+    manifest = "results/probe/probe/manifest.parquet"
+    env = workflow_env()
+
+    run_snakemake(tmp_path, config, manifest, env=env)  # the one real job: a light one
+    assert "Nothing to be done" in dry_run(tmp_path, config, manifest, env)
+
+    save_rgb(root / "4.png", size=(30, 20), seed=99)  # replaced in place
+    (root / "7.png").rename(root / "7b.png")  # renamed: the count stays 10
+
+    rerun = dry_run(tmp_path, config, manifest, env)
+    assert re.search(r"^probe_manifest\s+1$", rerun, re.M), rerun
+    assert "Params have changed since last execution" in rerun  # the fingerprint did
+
+
+def dry_run(workdir: Path, config: Path, target: str, env: dict[str, str]) -> str:
+    proc = run_snakemake(workdir, config, "-n", target, env=env)
+    return proc.stdout + proc.stderr
+
+
 # -- counting, process pool, shards -----------------------------------------------------------
 
 
-def test_count_candidates_covers_every_dataset_type(tmp_path: Path) -> None:
+def test_survey_counts_every_dataset_type(tmp_path: Path) -> None:
     root = tmp_path / "animals"
     make_nested(root)  # 4 visible files, 2 hidden
     (root / "notes.png").write_text("counted: the probe has not checked it yet")
+    (root / "README.md").write_text("a file, but not an image file")
+    (root / "cats" / "UPPER.JPEG").write_bytes(b"extensions are compared in lower case")
     listing = tmp_path / "list.csv"
-    pd.DataFrame({"path": ["a", "b", "c"]}).to_csv(listing, index=False)
+    pd.DataFrame({"path": ["a", "b.tif", "c.txt"]}).to_csv(listing, index=False)
     datasets = [
         folder("f", root, labels="subfolder"),
         filelist("l", listing),
         DatasetSpec(name="d", type="demo", n_images=17),
     ]
-    assert count_candidates(datasets) == 5 + 3 + 17
-    assert count_candidates([]) == 0
+    survey = survey_probe(datasets)
+    assert survey.files == 7 + 3 + 17
+    assert survey.image_files == 6 + 1 + 17
+    assert survey_probe([]).files == 0
+    assert {".png", ".jpg", ".jpeg", ".tif", ".webp"} <= probe.image_extensions()
+    assert ".pdf" not in probe.image_extensions()  # Pillow writes PDFs but cannot open them
 
 
 def test_process_pool_gives_the_same_manifest(
@@ -511,6 +801,7 @@ def test_process_pool_gives_the_same_manifest(
     (root / "class0" / "broken.png").write_text("nope")
     data = (root / "class1" / "001.png").read_bytes()
     (root / "class2" / "cut.png").write_bytes(data[: len(data) // 2])
+    (root / "class2" / "copy.png").write_bytes(data)  # hashed in the workers too
     datasets = [folder("many", root, labels="subfolder")]
 
     pools = []
@@ -527,10 +818,11 @@ def test_process_pool_gives_the_same_manifest(
     parallel = run_probe(tmp_path, datasets, workers=2, out="parallel")
     assert pools == [(2,)]  # the pool path really ran
 
-    assert serial[0] == parallel[0] == (70, 2)
+    assert serial[0] == parallel[0] == (70, 3)
     pd.testing.assert_frame_equal(serial[1], parallel[1])
     pd.testing.assert_frame_equal(serial[2], parallel[2])
-    assert sorted(Path(p).name for p in parallel[2]["path"]) == ["broken.png", "cut.png"]
+    assert reasons(parallel[2])["copy.png"] == "same content as many/class1/001.png"
+    assert sorted(reasons(parallel[2])) == ["broken.png", "copy.png", "cut.png"]
 
 
 @pytest.mark.parametrize(
