@@ -17,6 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from neuroscribe.cache import DiskCache, cache_key
+from neuroscribe.hub import fetching
 from neuroscribe.probe import image_id, load_rgb
 from neuroscribe.world import BACKGROUND_WORDS, TEXTURE_WORDS
 
@@ -154,12 +155,15 @@ class BlipCaptioner:
         self.num_beams = num_beams
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        config = AutoConfig.from_pretrained(self.model_name)
-        self.blip2 = config.model_type in BLIP2_MODEL_TYPES
-        processor_cls = Blip2Processor if self.blip2 else BlipProcessor
-        model_cls = Blip2ForConditionalGeneration if self.blip2 else BlipForConditionalGeneration
-        self.processor = processor_cls.from_pretrained(self.model_name)
-        self.model = model_cls.from_pretrained(self.model_name, dtype=self.dtype)
+        with fetching(self.model_name, "captioner"):
+            config = AutoConfig.from_pretrained(self.model_name)
+            self.blip2 = config.model_type in BLIP2_MODEL_TYPES
+            processor_cls = Blip2Processor if self.blip2 else BlipProcessor
+            model_cls = (
+                Blip2ForConditionalGeneration if self.blip2 else BlipForConditionalGeneration
+            )
+            self.processor = processor_cls.from_pretrained(self.model_name)
+            self.model = model_cls.from_pretrained(self.model_name, dtype=self.dtype)
         self.model.to(self.device).eval()
 
     @property

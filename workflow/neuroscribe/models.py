@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from neuroscribe.config import ConfigError, LayerSpec, TargetSpec
+from neuroscribe.hub import fetching
 from neuroscribe.inspection import LayerError, closest_first
+from neuroscribe.weights import fit_error, fit_problems, load_state_dict_file
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +82,14 @@ def _torchvision_weights(name: str, weights: str | None) -> Any:
     return enum[weights]
 
 
-def _load_state_dict(model: nn.Module, path: str) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ConfigError(f"weights file {path!r} does not fit the model: {exc}") from exc
+def _load_state_dict(model: nn.Module, path: str, spec: str) -> None:
+    """Load a torch or .safetensors weights file: tensors only (weights.load_state_dict_file)."""
+    state = load_state_dict_file(path)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = fit_problems(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if problems:
+        raise fit_error(path, spec, problems)
+    model.load_state_dict(state)
 
 
 def build_target(target: TargetSpec, load_weights: bool = True) -> LoadedTarget:
@@ -107,7 +109,8 @@ def build_target(target: TargetSpec, load_weights: bool = True) -> LoadedTarget:
             )
         weights = _torchvision_weights(ref, target.weights)
         if load_weights:
-            model = torchvision.models.get_model(ref, weights=weights)
+            with fetching(f"torchvision:{ref} {target.weights}", "target"):
+                model = torchvision.models.get_model(ref, weights=weights)
         else:
             kwargs = {"num_classes": len(weights.meta["categories"])} if weights else {}
             model = torchvision.models.get_model(ref, weights=None, **kwargs)
@@ -121,21 +124,23 @@ def build_target(target: TargetSpec, load_weights: bool = True) -> LoadedTarget:
                 f"timm has no model {ref!r}" + (f"; closest: {', '.join(close)}" if close else "")
             )
         pretrained = load_weights and target.weights == "pretrained"
-        model = timm.create_model(ref, pretrained=pretrained)
+        with fetching(f"timm:{ref} pretrained", "target"):
+            model = timm.create_model(ref, pretrained=pretrained)
         if load_weights and target.weights and target.weights != "pretrained":
-            _load_state_dict(model, target.weights)
+            _load_state_dict(model, target.weights, target.spec)
         return LoadedTarget(model.eval(), model)
     if kind == "hf":
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(ref)
-        archs = getattr(config, "architectures", None) or []
-        auto = (
-            transformers.AutoModelForImageClassification
-            if any(a.endswith("ForImageClassification") for a in archs)
-            else transformers.AutoModel
-        )
-        model = auto.from_pretrained(ref) if load_weights else auto.from_config(config)
+        with fetching(ref, "target"):
+            config = transformers.AutoConfig.from_pretrained(ref)
+            archs = getattr(config, "architectures", None) or []
+            auto = (
+                transformers.AutoModelForImageClassification
+                if any(a.endswith("ForImageClassification") for a in archs)
+                else transformers.AutoModel
+            )
+            model = auto.from_pretrained(ref) if load_weights else auto.from_config(config)
         model.eval()
         return LoadedTarget(model, lambda x: model(pixel_values=x))
     if kind == "python":
@@ -145,7 +150,7 @@ def build_target(target: TargetSpec, load_weights: bool = True) -> LoadedTarget:
                 f"python target {ref!r}: the factory returned {type(model).__name__}, not a torch.nn.Module"
             )
         if load_weights and target.weights:
-            _load_state_dict(model, target.weights)
+            _load_state_dict(model, target.weights, target.spec)
         return LoadedTarget(model.eval(), model)
     raise ConfigError(f"unknown target kind {kind!r}")
 

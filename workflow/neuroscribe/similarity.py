@@ -135,13 +135,16 @@ class ClipSimilarity:
         from transformers import AutoImageProcessor, CLIPModel
 
         from neuroscribe.activations import resolve_device, resolve_dtype
+        from neuroscribe.hub import fetching
 
         self.model_name = model
         self.batch_size = batch_size
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.processor = AutoImageProcessor.from_pretrained(model)
-        self.model = CLIPModel.from_pretrained(model, dtype=self.dtype).to(self.device).eval()
+        with fetching(model, "similarity"):
+            self.processor = AutoImageProcessor.from_pretrained(model)
+            self.model = CLIPModel.from_pretrained(model, dtype=self.dtype)
+        self.model = self.model.to(self.device).eval()
 
     @property
     def id(self) -> str:

@@ -284,6 +284,7 @@ class DiffusersSynthesizer:
         import diffusers
 
         from neuroscribe.activations import resolve_device, resolve_dtype
+        from neuroscribe.hub import fetching
 
         self.model = model
         self.steps = steps
@@ -292,7 +293,8 @@ class DiffusersSynthesizer:
         self.scheduler = scheduler
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        pipe = diffusers.AutoPipelineForText2Image.from_pretrained(model, dtype=self.dtype)
+        with fetching(model, "synthesizer"):
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(model, dtype=self.dtype)
         if scheduler:
             cls = getattr(diffusers, scheduler, None)
             # every diffusers model has from_config too: only a scheduler class will do
