@@ -33,11 +33,13 @@ class Reply:
 
 @dataclass(frozen=True)
 class Status:
-    """An HTTP error with an OpenAI-style error body, e.g. 429 with `Retry-After`."""
+    """An HTTP error with an OpenAI-style error body, e.g. 429 with `Retry-After`;
+    `echo_headers` puts the request's headers in the message, as some proxies do."""
 
     code: int
     message: str = "fake error"
     retry_after: str | None = None
+    echo_headers: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,10 @@ class FakeOpenAI:
                     headers = {}
                     if behaviour.retry_after is not None:
                         headers["Retry-After"] = behaviour.retry_after
-                    error = {"message": behaviour.message, "type": "fake_error", "code": None}
+                    message = behaviour.message
+                    if behaviour.echo_headers:
+                        message += f" (request headers: {dict(self.headers.items())})"
+                    error = {"message": message, "type": "fake_error", "code": None}
                     self._send_json(behaviour.code, {"error": error}, headers)
                 else:
                     if behaviour.delay_s:

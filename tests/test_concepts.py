@@ -24,6 +24,7 @@ from neuroscribe.concepts import (
     normalise,
     unique,
 )
+from neuroscribe.failures import TooManyFailed
 from neuroscribe.llm import LLMClient, LLMError, OpenAIBackend
 
 MODEL = "fake-model"
@@ -248,3 +249,111 @@ def test_batched_prompt_keeps_captions_verbatim() -> None:
     prompt = request.messages[-1]["content"]
     assert '1. a man\'s hat\n2. a "quoted" sign' in prompt
     assert '{"neurons": [{"neuron": 4, "concepts": ["...", "..."]}]}' in prompt
+
+
+def off_schema(body: dict[str, Any]) -> Reply:
+    """Valid JSON that does not follow the asked shape (and its repair the same)."""
+    return Reply(json.dumps({"labels": ["red circle"]}))
+
+
+def test_unusable_replies_fail_the_chunk_and_are_asked_again_after_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEUROSCRIBE_TEST_KEY", "sk-test-secret-123")
+    captions = captions_table(tmp_path / "captions.parquet")
+    out = tmp_path / "concepts.parquet"
+    cache = tmp_path / "cache"
+    with fake_openai(default=off_schema) as server:
+        cfg = llm_config(base_url=server.base_url)
+        with pytest.raises(TooManyFailed) as failed:
+            dnd.concept_chunk(captions, out, cfg, cache, max_failed_fraction=0.2)
+        assert len(server.requests) == 6  # each neuron: its request and one repair
+        message = str(failed.value)
+        assert "3 of 3 neurons failed, more than max_failed_fraction (0.2) allows" in message
+        assert "expected an object" in message
+        assert not out.exists(), "a failed chunk wrote its output"
+        # the server is fixed: the unusable replies are not served from the cache again
+        server.default = labeller
+        dnd.concept_chunk(captions, out, cfg, cache, max_failed_fraction=0.2)
+        assert len(server.requests) == 6 + 3
+        table = pd.read_parquet(out)
+        assert list(table["status"]) == ["ok"] * 3 and table["llm_requests"].sum() == 3
+        # a third run pays for nothing, whatever the server would say now
+        server.default = off_schema
+        out.unlink()
+        dnd.concept_chunk(captions, out, cfg, cache)
+        assert len(server.requests) == 9
+    # the unusable replies stay in the cache, for audit, with the reason they were rejected
+    with DiskCache(cache, "llm") as store:
+        entries = [json.loads(line) for f in store.folder.glob("*.jsonl") for line in f.open()]
+    rejected = [e["v"] for e in entries if e["k"].startswith("rejected:")]
+    assert len(rejected) == 6 and all("expected an object" in r["reason"] for r in rejected)
+    assert sum('"labels"' in str(e["v"].get("text")) for e in entries) == 6
+
+
+def test_a_few_failed_neurons_are_listed_with_their_error(tmp_path: Path) -> None:
+    captions = captions_table(tmp_path / "captions.parquet")
+    out = tmp_path / "concepts.parquet"
+
+    def one_neuron_broken(body: dict[str, Any]) -> Reply:
+        prompt = body["messages"][-1]["content"]
+        return off_schema(body) if "Neuron 7," in prompt or "expected" in prompt else labeller(body)
+
+    with fake_openai(default=one_neuron_broken) as server:
+        cfg = llm_config(base_url=server.base_url, api_key_env=None)
+        dnd.concept_chunk(captions, out, cfg, tmp_path / "cache", max_failed_fraction=0.5)
+    table = pd.read_parquet(out).set_index("neuron")
+    assert list(table["status"]) == ["ok", "failed", "ok"]
+    assert "malformed reply after one repair" in table.loc[7, "error"]
+    assert list(table.loc[7, "candidates"]) == [] and len(table.loc[7, "raw_replies"]) == 2
+
+
+def test_a_key_the_server_echoes_back_is_redacted_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "sk-test-echoed-0123456789"
+    monkeypatch.setenv("NEUROSCRIBE_TEST_KEY", secret)
+    captions = captions_table(tmp_path / "captions.parquet")
+    caplog.set_level(logging.INFO)
+
+    def echo_headers(body: dict[str, Any]) -> Reply:
+        return Reply(json.dumps({"neurons": [], "debug": "Authorization: Bearer " + secret}))
+
+    out = tmp_path / "c.parquet"
+    with fake_openai(Status(500, echo_headers=True), default=echo_headers) as server:
+        cfg = llm_config(base_url=server.base_url)
+        dnd.concept_chunk(captions, out, cfg, tmp_path / "cache", max_failed_fraction=1.0)
+    assert secret in server.headers[0]["authorization"]  # it was sent, and echoed
+    assert secret not in caplog.text and "Bearer [redacted]" in caplog.text  # the retry warning
+    table = pd.read_parquet(out)
+    stored = json.dumps([list(r) for r in table["raw_replies"]]) + str(list(table["error"]))
+    assert secret not in stored and "Bearer [redacted]" in stored
+
+
+def test_a_failing_job_prints_no_key_in_its_traceback(tmp_path: Path, job_env: dict) -> None:
+    import subprocess
+    import sys
+
+    secret = "sk-test-traceback-0123456789"
+    captions = captions_table(tmp_path / "captions.parquet")
+    with fake_openai(default=lambda body: Status(401, "bad key", echo_headers=True)) as server:
+        args = {
+            "captions": str(captions),
+            "out": str(tmp_path / "c.parquet"),
+            "llm": llm_config(base_url=server.base_url),
+            "cache": str(tmp_path / "cache"),
+            "device": "cpu",
+            "dtype": "auto",
+            "max_failed_fraction": 0.2,
+        }
+        job = subprocess.run(
+            [sys.executable, "-m", "neuroscribe", "concepts", json.dumps(args)],
+            env=job_env | {"NEUROSCRIBE_TEST_KEY": secret},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert job.returncode == 1
+    assert "Traceback" in job.stderr and "HTTP 401" in job.stderr  # the error is there...
+    assert secret not in job.stderr + job.stdout  # ...without the key the server echoed
+    assert "Bearer [redacted]" in job.stderr

@@ -11,6 +11,7 @@ import pytest
 
 from neuroscribe import dnd
 from neuroscribe.config import LayerSpec, TargetSpec, Transform
+from neuroscribe.failures import TooManyFailed
 from neuroscribe.probe import image_id
 from neuroscribe.world import render_world
 
@@ -135,4 +136,41 @@ def test_scoring_labels_every_neuron_from_one_pass(
     best = max(range(2), key=lambda c: scores.loc[3, "combined"][c])
     assert scores.loc[3, "label"] == ["green star", "ring"][best]
     assert scores.loc[6, "status"] == "failed" and pd.isna(scores.loc[6, "label"])
-    assert "no candidate has images" in scores.loc[6, "error"]
+    # a failed neuron says why (here: the proposer gave it nothing); 1 of 3 failed is allowed
+    assert scores.loc[6, "error"] == "no candidate concepts were proposed"
+
+
+def test_too_many_failed_neurons_fail_the_scores_job(
+    tmp_path: Path, world: tuple[Path, pd.DataFrame]
+) -> None:
+    root, manifest = world
+    # every candidate of neuron 3 is unrenderable, neuron 6 has none: 2 of 3 neurons fail
+    concepts = concepts_table(
+        tmp_path / "c.parquet", {0: ["red circle"], 3: ["quantum foam"], 6: []}
+    )
+    dnd.synthesize_chunk(concepts, tmp_path / "s.parquet", SYNTH, tmp_path / "images")
+    ids = list(manifest["image_id"])
+    exemplars = pd.DataFrame(
+        [{"neuron": n, "rank": 0, "image_id": ids[n], "box": None} for n in (0, 3, 6)]
+    )
+    exemplars.to_parquet(tmp_path / "e.parquet")
+    out = tmp_path / "scores.parquet"
+    with pytest.raises(TooManyFailed) as failed:
+        dnd.score_chunk(
+            concepts,
+            tmp_path / "s.parquet",
+            tmp_path / "e.parquet",
+            root / "manifest.parquet",
+            out,
+            TARGET,
+            "fc",
+            SCORING,
+            top_k=1,
+            settings=SETTINGS,
+            max_failed_fraction=0.5,
+        )
+    message = str(failed.value)
+    assert "2 of 3 neurons failed, more than max_failed_fraction (0.5) allows" in message
+    assert "neuron 3: no candidate could be drawn ('quantum foam':" in message
+    assert "neuron 6: no candidate concepts were proposed" in message
+    assert not out.exists()

@@ -299,17 +299,20 @@ class ReferenceProposer:
         record.count(simple)
         simplified = [normalise(r.text) or c for r, c in zip(simple, captions, strict=True)]
         raw: list[str] = []
+        asked: list[ChatRequest] = []
         for i in range(self.settings.n):
             order = list(simplified)
             random.Random(f"{self.settings.seed}:{neuron}:{i}").shuffle(order)
-            reply = self.client.chat(self.summary_request(order, seed=self.settings.seed + i))
+            asked.append(self.summary_request(order, seed=self.settings.seed + i))
+            reply = self.client.chat(asked[-1])
             record.count([reply])
             raw.append(reply.text)
             text = self._label(reply.text)
             if "," in text:
                 # several labels in one reply: the paper asks once more to merge them
                 parts = [p.strip() for p in text.split(",") if p.strip()]
-                again = self.client.chat(self.summary_request(parts, seed=self.settings.seed + i))
+                asked.append(self.summary_request(parts, seed=self.settings.seed + i))
+                again = self.client.chat(asked[-1])
                 record.count([again])
                 raw.append(again.text)
                 text = self._label(again.text)
@@ -318,6 +321,8 @@ class ReferenceProposer:
         record.candidates = [c for c in unique(record.candidates) if len(c.split()) <= MAX_WORDS]
         if not record.candidates:
             record.error = f"no usable 1-{MAX_WORDS} word concept in the replies {raw!r}"
+            for request in asked:  # none was an answer: a later run asks again
+                self.client.reject(request, record.error)
         return record
 
     def propose(self, neurons: Sequence[tuple[int, list[str]]]) -> list[NeuronConcepts]:

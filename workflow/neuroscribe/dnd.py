@@ -21,7 +21,9 @@ import pandas as pd
 from neuroscribe import roles
 from neuroscribe.cache import DiskCache
 from neuroscribe.captioners import CachedCaptioner, CaptionRequest
+from neuroscribe.failures import Failure, check_failures
 from neuroscribe.progress import ProgressRecord, Resumed, rows_in_parts, write_from_record
+from neuroscribe.redaction import redact, secret_values
 from neuroscribe.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,10 @@ def concept_chunk(
     cache: str | Path,
     device: str = "auto",
     dtype: str = "auto",
+    max_failed_fraction: float = 1.0,
 ) -> None:
-    """N candidate concepts per neuron of a chunk, from its exemplars' captions."""
+    """N candidate concepts per neuron of a chunk, from its exemplars' captions. Fails, after
+    every usable reply is cached, when more than `max_failed_fraction` of the neurons failed."""
     table = pd.read_parquet(captions).sort_values(["neuron", "rank"])
     first = table.iloc[0]
     neurons = [(int(n), list(g["caption"])) for n, g in table.groupby("neuron", sort=True)]
@@ -85,6 +89,8 @@ def concept_chunk(
         client = getattr(proposer, "client", None)
         if client is not None:
             log.info("llm: %s", client.stats.as_dict())
+    # replies and errors are stored and logged: no secret may be in them
+    secrets = secret_values([llm.get("api_key_env")])
     by_neuron = dict(neurons)
     rows = []
     for r in records:
@@ -92,12 +98,20 @@ def concept_chunk(
             "model": first["model"],
             "layer": first["layer"],
             "status": r.status,
+            "error": None if r.error is None else redact(r.error, secrets),
+            "raw_replies": [redact(text, secrets) for text in r.raw_replies],
             "captions": by_neuron[r.neuron],
             "proposer": proposer.id,
         }
         rows.append(row)
-        if r.error:
-            log.warning("neuron %d: no concepts: %s", r.neuron, r.error)
+    check_failures(
+        f"concepts of {first['model']}/{first['layer']} ({Path(out).stem})",
+        [Failure(row["neuron"], row["error"]) for row in rows if row["error"] is not None],
+        len(rows),
+        max_failed_fraction,
+        "The usable replies are cached; the failed neurons' replies are kept in the cache for "
+        "audit but asked again on the next run.",
+    )
     out_table = pd.DataFrame(rows)
     log.info(
         "concepts: %d neurons (%d failed), %d requests, %d cache hits, %d+%d tokens, by %s",
@@ -236,10 +250,12 @@ def score_chunk(
     top_k: int,
     settings: dict[str, Any],
     save_every: int = 32,
+    max_failed_fraction: float = 1.0,
 ) -> Resumed:
     """Rank every neuron's candidates by its activations on their images and by image
     similarity to its exemplars; the best 3 become its labels. Neurons are scored `save_every`
-    at a time (each image through the models once per job) and kept in a progress record."""
+    at a time (each image through the models once per job) and kept in a progress record.
+    A neuron without images says why; too many of them fail the job."""
     from neuroscribe.activations import load_on, resolve_device
     from neuroscribe.scoring import SCORE_KINDS, best_score, ranked, score_candidates
 
@@ -263,6 +279,8 @@ def score_chunk(
         lambda keys: _embed_files(models()[1], [(probe[i], b) for i, b in keys]).cpu().numpy()
     )
     candidates = dict(zip(concept_table["neuron"], concept_table["candidates"], strict=True))
+    errors = concept_table["error"] if "error" in concept_table else [None] * len(concept_table)
+    concept_errors = dict(zip(concept_table["neuron"], errors, strict=True))
 
     def rows_of(part: list[int]) -> pd.DataFrame:
         images = {
@@ -283,9 +301,8 @@ def score_chunk(
             cands = list(candidates[neuron])
             row: dict[str, Any] = {"model": target.name, "layer": layer, "neuron": int(neuron)}
             if not images[neuron]:
-                rows.append(
-                    row | _unscored(cands, "no candidate has images (see concepts/synthesis)")
-                )
+                why = _why_no_images(cands, concept_errors[neuron], synth)
+                rows.append(row | _unscored(cands, why))
                 continue
             paths = [p for _, p in images[neuron]]
             owner = np.array([c for c, _ in images[neuron]])
@@ -328,6 +345,19 @@ def score_chunk(
     record = ProgressRecord.beside(out, args, inputs)
     neurons = [int(n) for n in concept_table["neuron"]]
     table, resumed = rows_in_parts(neurons, save_every, record, rows_of, "scores")
+    check_failures(
+        f"scores of {target.name}/{layer} ({Path(out).stem})",
+        [
+            Failure(n, e)
+            for n, e in zip(
+                table.column("neuron").to_pylist(), table.column("error").to_pylist(), strict=True
+            )
+            if e is not None
+        ],
+        len(neurons),
+        max_failed_fraction,
+        "Their candidates have no images (see the errors, the concepts and synthesis tables).",
+    )
     write_from_record(table, out, record)
     log.info(
         "scores: %d neurons, %d synthesised and %d exemplar images through the models",
@@ -342,6 +372,19 @@ def _images_of(synth: pd.DataFrame, concept: str) -> list[str]:
     if concept not in synth.index or synth.loc[concept, "status"] != "ok":
         return []
     return list(synth.loc[concept, "images"])
+
+
+def _why_no_images(cands: list[str], concept_error: str | None, synth: pd.DataFrame) -> str:
+    if concept_error is not None:
+        return f"no candidate concepts: {concept_error}"
+    if not cands:
+        return "no candidate concepts were proposed"
+    reasons = [
+        f"{c!r}: {synth.loc[c, 'error']}"
+        for c in cands
+        if c in synth.index and synth.loc[c, "error"]
+    ]
+    return "no candidate could be drawn" + (f" ({'; '.join(reasons)})" if reasons else "")
 
 
 def _unscored(cands: list[str], error: str) -> dict[str, Any]:

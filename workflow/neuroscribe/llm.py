@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from neuroscribe.cache import DiskCache, cache_key
+from neuroscribe.redaction import redact, secret_values
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -230,7 +231,9 @@ def _api_key(api_key_env: str | None) -> str:
     if not key:
         raise LLMError(
             f"environment variable {api_key_env} is not set: it must hold the API key for the "
-            "openai backend (use api_key_env=None for a local server that needs no key)"
+            "openai llm backend. Export it where snakemake runs (`export "
+            f"{api_key_env}=...`; never in the config), or set llm.api_key_env to null for a "
+            "server that needs no key"
         )
     return key
 
@@ -255,6 +258,8 @@ class OpenAIBackend:
         self._client = openai.OpenAI(
             api_key=_api_key(api_key_env), base_url=base_url, timeout=timeout_s, max_retries=0
         )
+        # values to blank out of any error text (a server may echo the Authorization header)
+        self.secrets = secret_values([api_key_env])
 
     @property
     def id(self) -> str:
@@ -308,13 +313,15 @@ class LocalBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from neuroscribe.activations import resolve_device, resolve_dtype
+        from neuroscribe.hub import fetching
 
         self.model = model
         self.device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
         # float16 on CUDA by default: a 3B model then fits a 16 GB V100 next to nothing else
         self.dtype = resolve_dtype(dtype, self.device)
-        self._model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype)
+        with fetching(model, "llm"):
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self._model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype)
         self._model.to(self.device).eval()
         # torch.manual_seed is process-global: one generation at a time keeps seeds meaningful
         self._lock = threading.Lock()
@@ -417,6 +424,10 @@ def _describe(err: BaseException) -> str:
     return f"HTTP {status}: {message}" if status else f"{type(err).__name__}: {message}"
 
 
+def _rejection_key(base: str, generation: int) -> str:
+    return f"rejected:{base}:{generation}"
+
+
 _FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
@@ -463,6 +474,7 @@ class LLMClient:
         self.max_delay_s = max_delay_s
         self._sleep = sleep
         self._rng = random.Random()
+        self._secrets: list[str] = list(getattr(backend, "secrets", []))
         self._stats = LLMStats()
         self._lock = threading.Lock()
         # bounds calls in flight across all threads using this client, not only chat_many's pool
@@ -486,7 +498,15 @@ class LLMClient:
                 setattr(self._stats, name, getattr(self._stats, name) + delta)
 
     def key(self, request: ChatRequest) -> str:
-        return cache_key({"backend": self.backend.id, **asdict(request)})
+        """Where the request's live reply is cached: its first key, or, once replies to it were
+        rejected as unusable, a fresh key per rejection (every key is written once, so jobs
+        reading the cache's segments in any order agree on the answer)."""
+        base = cache_key({"backend": self.backend.id, **asdict(request)})
+        generation = 0
+        if self.cache is not None:
+            while self.cache.get(_rejection_key(base, generation)) is not None:
+                generation += 1
+        return base if generation == 0 else f"{base}:{generation}"
 
     def chat(self, request: ChatRequest) -> ChatReply:
         key = self.key(request)
@@ -501,6 +521,16 @@ class LLMClient:
             # stored at once: a job killed after this point never pays for this reply again
             cache.put(key, {k: v for k, v in asdict(reply).items() if k != "cached"})
         return reply
+
+    def reject(self, request: ChatRequest, reason: str) -> None:
+        """Mark the cached reply to `request` as unusable: the next `chat` of the same request
+        asks the backend again instead of serving it. The reply stays in the cache for audit,
+        next to the reason."""
+        if self.cache is None:
+            return
+        key = self.key(request)
+        base, _, generation = key.partition(":")
+        self.cache.put(_rejection_key(base, int(generation or 0)), {"key": key, "reason": reason})
 
     def _delay(self, attempt: int, server_delay: float | None) -> float:
         if server_delay is not None:
@@ -523,7 +553,7 @@ class LLMClient:
                     if status is None:
                         raise  # not an API answer (e.g. a bug): keep the original error
                     raise LLMError(
-                        f"{self.backend.id}: request failed, not retryable: {_describe(err)}",
+                        f"{self.backend.id}: request failed, not retryable: {self._describe(err)}",
                         attempts=attempt,
                         status=status,
                         last_error=err,
@@ -537,7 +567,7 @@ class LLMClient:
                     self.backend.id,
                     attempt,
                     self.max_attempts,
-                    _describe(err),
+                    self._describe(err),
                     delay,
                 )
                 self._sleep(delay)
@@ -550,7 +580,7 @@ class LLMClient:
         self._count(failures=1)
         raise LLMError(
             f"{self.backend.id}: gave up after {self.max_attempts} attempts; "
-            f"last error: {_describe(last)}",
+            f"last error: {self._describe(last)}",
             attempts=self.max_attempts,
             status=getattr(last, "status_code", None),
             last_error=last,
@@ -596,9 +626,19 @@ class LLMClient:
                     ),
                 )
         self._count(failures=1)
+        # neither reply is an answer: a later run asks again rather than failing the same way
+        self.reject(request, problems[0])
+        self.reject(current, problems[-1])
         raise MalformedReply(
-            f"{self.backend.id}: malformed reply after one repair: {problems[-1]}",
-            replies=replies,
-            problems=problems,
+            f"{self.backend.id}: malformed reply after one repair: {self.redact(problems[-1])}",
+            replies=[self.redact(r) for r in replies],
+            problems=[self.redact(p) for p in problems],
             chats=chats,
         )
+
+    def redact(self, text: str) -> str:
+        """`text` without the backend's secrets, for anything logged or stored."""
+        return redact(text, self._secrets)
+
+    def _describe(self, err: BaseException) -> str:
+        return self.redact(_describe(err))
