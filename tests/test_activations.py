@@ -225,3 +225,48 @@ def test_more_shards_than_images_leaves_empty_shards_that_merge_cleanly(
     merge_layer(shards, target, CNN_LAYERS[2], tmp_path / "fc.h5", top_k=3)
     with h5py.File(tmp_path / "fc.h5") as h5:
         assert h5["activations"].shape == (30, 7)
+
+
+def test_a_layer_stores_only_the_neurons_it_describes(probe: Path, tmp_path: Path) -> None:
+    """`neurons: "5-7,60"` stores 4 columns (and their indices), the same values as a full run;
+    the exemplars of those neurons read them by index, and others are refused by name."""
+    from neuroscribe.exemplars import chunk_exemplars
+
+    every = LayerSpec("conv3", "all", "max", "cls")
+    some = LayerSpec("conv3", "5-7,60", "max", "cls")
+    full = _target("python:neuroscribe.demo:tiny_cnn", 48, 40, every)
+    part = _target("python:neuroscribe.demo:tiny_cnn", 48, 40, some)
+    merge_layer(
+        _extract(full, [every], probe, tmp_path / "a", 2), full, every, tmp_path / "a.h5", 3
+    )
+    merge_layer(_extract(part, [some], probe, tmp_path / "b", 2), part, some, tmp_path / "b.h5", 3)
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert a["activations"].shape == (30, 64) and b["activations"].shape == (30, 4)
+        assert list(b["neurons"][:]) == [5, 6, 7, 60]
+        np.testing.assert_array_equal(b["activations"][:], a["activations"][:, [5, 6, 7, 60]])
+        np.testing.assert_array_equal(b["topk_rows"][:], a["topk_rows"][:][[5, 6, 7, 60]])
+    for name in ("a", "b"):
+        chunk_exemplars(
+            tmp_path / f"{name}.h5",
+            probe / "manifest.parquet",
+            part,
+            "conv3",
+            [6, 60],
+            tmp_path / f"{name}.parquet",
+            top_k=3,
+            crops=False,
+        )
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "a.parquet"), pd.read_parquet(tmp_path / "b.parquet")
+    )
+    with pytest.raises(ValueError, match=r"neurons \[8\] are not stored"):
+        chunk_exemplars(
+            tmp_path / "b.h5",
+            probe / "manifest.parquet",
+            part,
+            "conv3",
+            [8],
+            tmp_path / "c.parquet",
+            top_k=3,
+            crops=False,
+        )

@@ -18,6 +18,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from neuroscribe.config import LayerSpec, TargetSpec, Transform
+from neuroscribe.fanout import select_neurons
 from neuroscribe.io import atomic_path
 from neuroscribe.merge import ID_DTYPE, layer_attrs
 from neuroscribe.models import LayerRecorder, LoadedTarget, build_target
@@ -178,6 +179,8 @@ def extract_shard(
     recorder = LayerRecorder(loaded, layers)
     buffers: dict[str, np.ndarray] = {}
     overflow: dict[str, int] = {}
+    # only the described neurons are stored (their indices in `neurons/{layer}`)
+    columns: dict[str, np.ndarray] = {}
     done = 0
     dataset = ProbeImages(paths, target.transform)
     batches = forward_batches(
@@ -185,11 +188,16 @@ def extract_shard(
     )
     for _, pooled in _progress_over(batches, len(rows), f"shard {shard}"):
         n = next(iter(pooled.values())).shape[0]
-        for name, values in pooled.items():
+        for layer in layers:
+            name, values = layer.name, pooled[layer.name]
             if name not in buffers:
-                buffers[name] = np.empty((len(rows), values.shape[1]), dtype=np.float16)
+                columns[name] = np.asarray(
+                    select_neurons(layer.neurons, values.shape[1], f"layer {name}"), dtype=np.int64
+                )
+                buffers[name] = np.empty((len(rows), len(columns[name])), dtype=np.float16)
                 overflow[name] = 0
-            batch = values.to(torch.float16).cpu().numpy()
+            batch = values[:, torch.from_numpy(columns[name]).to(values.device)]
+            batch = batch.to(torch.float16).cpu().numpy()
             overflow[name] += int(np.isinf(batch).sum())
             buffers[name][done : done + n] = batch
         done += n
@@ -199,8 +207,12 @@ def extract_shard(
         h5.create_dataset("rows", data=rows.astype(np.int64))
         h5.create_dataset("image_ids", data=table["image_id"].to_numpy()[rows].astype(ID_DTYPE))
         group = h5.create_group("layers")
+        neurons = h5.create_group("neurons")
         for layer in layers:
             data = buffers.get(layer.name, np.empty((0, 0), dtype=np.float16))
+            neurons.create_dataset(
+                layer.name, data=columns.get(layer.name, np.empty(0, dtype=np.int64))
+            )
             if overflow.get(layer.name):
                 log.warning(
                     "layer %s: %d activations exceed the float16 range",

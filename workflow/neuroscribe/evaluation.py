@@ -18,6 +18,7 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from neuroscribe.llm import words
+from neuroscribe.merge import stored_neurons
 from neuroscribe.probe import image_id
 from neuroscribe.tables import write_table
 from neuroscribe.world import SHAPES, TEXTURE_WORDS
@@ -114,9 +115,10 @@ def evaluate(
             continue
         with h5py.File(path, "r", locking=False) as h5:
             activations = h5["activations"][:].astype(np.float32)
+            neurons = stored_neurons(h5)
         scores = auc(activations[annotated], positives[annotated])
-        for neuron in range(scores.shape[0]):
-            column = np.nan_to_num(scores[neuron], nan=0.0)
+        for j, neuron in enumerate(neurons.tolist()):
+            column = np.nan_to_num(scores[j], nan=0.0)
             best[(layer, neuron)] = (vocabulary[int(column.argmax())], float(column.max()))
     rows = []
     for row in table.itertuples(index=False):

@@ -21,6 +21,7 @@ import pandas as pd
 
 from neuroscribe.config import LayerSpec, TargetSpec
 from neuroscribe.crops import Box, attention_boxes, input_box_to_image
+from neuroscribe.merge import columns_of
 from neuroscribe.progress import ProgressRecord, Resumed, rows_in_parts, write_from_record
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class Candidate:
 
 def _top_images(layer_h5: str | Path, neurons: list[int]) -> list[list[Candidate]]:
     with h5py.File(layer_h5, "r", locking=False) as h5:
-        index = np.asarray(neurons, dtype=np.int64)
+        index = columns_of(h5, neurons)
         rows = h5["topk_rows"][:][index]
         ids = h5["topk_ids"][:][index].astype(str)
         values = h5["topk_values"][:][index]
@@ -160,25 +161,28 @@ def chunk_exemplars(
     save_every: int = 32,
 ) -> Resumed:
     """One row per (neuron, rank): the top-K of its images and attention crops. Neurons are done
-    `save_every` at a time and kept in a progress record, so a killed job resumes."""
-    from neuroscribe.activations import load_on, resolve_device, resolve_dtype
-
+    `save_every` at a time and kept in a progress record, so a killed job resumes. Without
+    crops (a layer without a spatial map) it is a lookup in the merged file: no model, no torch.
+    """
     spec = target.layer(layer)
     probe = None
     if crops:
         probe = pd.read_parquet(manifest, columns=["image_id", "path", "width", "height"])
-    dev = resolve_device(device)
 
     @functools.cache
-    def model() -> Any:  # loaded once, and only if some part is left to compute
-        return load_on(target, dev)
+    def model() -> tuple[Any, Any]:  # loaded once, and only if some part is left to compute
+        from neuroscribe.activations import load_on, resolve_device, resolve_dtype
+
+        dev = resolve_device(device)
+        return load_on(target, dev), resolve_dtype(dtype, dev)
 
     def rows_of(part: list[int]) -> pd.DataFrame:
         images = _top_images(layer_h5, part)
         scored = None
         if probe is not None:
+            loaded, compute_dtype = model()
             scored = _crop_candidates(
-                images, probe, target, spec, model(), batch_size, workers, resolve_dtype(dtype, dev)
+                images, probe, target, spec, loaded, batch_size, workers, compute_dtype
             )
         rows = []
         for j, group in enumerate(images):

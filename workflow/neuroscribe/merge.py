@@ -45,6 +45,28 @@ def layer_attrs(target: TargetSpec, layer: LayerSpec) -> dict[str, str]:
     }
 
 
+def stored_neurons(h5: h5py.File, layer: str | None = None) -> np.ndarray:
+    """The neuron index of each stored column: a merged layer file's `neurons`, or a shard's
+    `neurons/{layer}`; files written before subsets were stored hold every neuron."""
+    key = "neurons" if layer is None else f"neurons/{layer}"
+    if key in h5:
+        return h5[key][:].astype(np.int64)
+    width = h5["activations" if layer is None else f"layers/{layer}"].shape[1]
+    return np.arange(width, dtype=np.int64)
+
+
+def columns_of(h5: h5py.File, neurons: list[int]) -> np.ndarray:
+    """Column positions of `neurons` in a merged layer file (an error names any not stored)."""
+    position = {int(n): i for i, n in enumerate(stored_neurons(h5))}
+    missing = [n for n in neurons if n not in position]
+    if missing:
+        raise ValueError(
+            f"{h5.filename}: neurons {missing[:10]} are not stored (it holds the neurons the "
+            "config described when it was written); delete it to rebuild it for this config"
+        )
+    return np.asarray([position[n] for n in neurons], dtype=np.int64)
+
+
 def _topk(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows per column of [images, neurons], ties broken by the lower row (deterministic)."""
     values = block.astype(np.float32)
@@ -59,12 +81,14 @@ def merge_layer(
     """Concatenate one layer's shard matrices into [images, neurons] and find each neuron's top-K."""
     handles = [h5py.File(p, "r", locking=False) for p in shards]
     try:
-        widths = {h["layers"][layer.name].shape[1] for h in handles if len(h["rows"])}
-        if len(widths) != 1:
+        stored = {tuple(stored_neurons(h, layer.name)) for h in handles if len(h["rows"])}
+        if len(stored) != 1:
             raise ValueError(
-                f"layer {layer.name}: shards disagree on the neuron count {sorted(widths)}"
+                f"layer {layer.name}: shards disagree on the neurons they store "
+                f"({sorted(len(s) for s in stored)} columns); rebuild the activations"
             )
-        (n_neurons,) = widths
+        (neurons,) = stored
+        n_neurons = len(neurons)
         rows = np.concatenate([h["rows"][:] for h in handles])
         ids = np.concatenate([h["image_ids"][:] for h in handles])
         n_images = len(rows)
@@ -89,6 +113,7 @@ def merge_layer(
                 top_values[start:stop] = values
             position = np.empty(rows.max() + 1, dtype=np.int64)
             position[rows] = np.arange(n_images)
+            h5.create_dataset("neurons", data=np.asarray(neurons, dtype=np.int64))
             h5.create_dataset("rows", data=rows)
             h5.create_dataset("image_ids", data=ids)
             h5.create_dataset("topk_rows", data=top_rows)
