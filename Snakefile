@@ -6,6 +6,7 @@
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/models.smk"
 include: "workflow/rules/probe.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/exemplars.smk"
@@ -13,13 +14,18 @@ include: "workflow/rules/dnd.smk"
 include: "workflow/rules/describe.smk"
 
 
-# The per-chunk outputs are listed too, so a deleted chunk is recomputed on the next run
-# (Snakemake does not regenerate a missing intermediate file of an up-to-date target).
+# The intermediate outputs are listed too, so a deleted activation file or chunk is rebuilt on
+# the next run (Snakemake does not regenerate a missing intermediate file of an up-to-date target).
 rule all:
     input:
         f"{RESULTS}/descriptions.parquet",
         f"{RESULTS}/descriptions.csv",
+        activation_outputs(),
         chunk_outputs("exemplars", "parquet"),
         method_outputs(),
         evaluation_outputs(),
     localrule: True
+
+
+onsuccess:
+    report_failures()

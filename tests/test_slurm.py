@@ -85,7 +85,10 @@ def _config(workdir: Path, llm: FakeOpenAI) -> Path:
         "run_on": "compute",
         "max_concurrency": 4,
     }
-    cfg["resources"]["exemplars"] |= {"gpus": 1, "mem_mb": 1500, "runtime": 7, "cpus": 1}
+    # `auto`: the stages whose backends run a model ask for a GPU (the node's fake GPUs), the
+    # rest for none; the jobs then run on the CPU, as the node has no CUDA
+    cfg["device"] = "auto"
+    cfg["resources"]["exemplars"] |= {"mem_mb": 1500, "runtime": 7, "cpus": 1}
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -123,6 +126,11 @@ def _gpus(job: dict[str, str]) -> int:
     return int(found.group(1)) if found else 0
 
 
+# GPUs per job with `device: auto`: the demo target's stages use one; training (on the CPU),
+# merging and the table use none
+GPUS = {"train": 0, "activations": 1, "merge": 0, "describe": 0}
+
+
 def test_each_job_asked_for_its_stage_resources(cluster: Cluster, drilled: Drilled) -> None:
     on_slurm = drilled.workdir
     config = yaml.safe_load((on_slurm / "config.yaml").read_text())["resources"]
@@ -141,9 +149,10 @@ def test_each_job_asked_for_its_stage_resources(cluster: Cluster, drilled: Drill
             assert job["MinMemoryNode"] == f"{want['mem_mb']}M", (rule, job["MinMemoryNode"])
             assert _minutes(job["TimeLimit"]) == want["runtime"], (rule, job["TimeLimit"])
             assert int(job["NumCPUs"]) == want["cpus"], (rule, job["NumCPUs"])
-            assert _gpus(job) == want.get("gpus", 0), (rule, job)
+            assert _gpus(job) == GPUS[stage], (rule, job)
     # a group job runs its chunks' steps one after another on one GPU: the largest memory and
-    # CPU count of its steps, their runtimes added up, one GPU when any step uses one
+    # CPU count of its steps, their runtimes added up, one GPU (exemplars and scores use one),
+    # also when the command line's --resources replaced the profile's (the drill passes one)
     for group, stages in CHUNK_STAGES.items():
         # its first job holds every step of both chunks (later ones only what a kill left)
         job = cluster.scontrol_job(min(_job_ids(on_slurm, group), key=int))
@@ -154,7 +163,7 @@ def test_each_job_asked_for_its_stage_resources(cluster: Cluster, drilled: Drill
         runtime = sum(w["runtime"] for w in want)
         assert runtime <= _minutes(job["TimeLimit"]) <= 2 * runtime, job["TimeLimit"]
         assert int(job["NumCPUs"]) >= max(w["cpus"] for w in want)
-        assert _gpus(job) == int(any(w.get("gpus", 0) for w in want)), (group, job)
+        assert _gpus(job) == 1, (group, job)
 
 
 @pytest.mark.parametrize("run_on", ["compute", "head"])
@@ -204,9 +213,18 @@ class Drill:
     def run(self, acts: dict[str, Callable[[SlurmJob], bool]]) -> subprocess.CompletedProcess:
         """One invocation; for each rule or group in `acts`, its action is called on its running
         jobs until it returns True (it disturbed one). Returns the finished invocation."""
-        # --retries 0: a killed job fails this invocation; the next one must finish the work
+        # --retries 0: a killed job fails this invocation; the next one must finish the work.
+        # --resources as the README suggests: it replaces the profile's whole map
         cmd = snakemake_command(
-            self.workdir, self.config, "--profile", PROFILE, "--retries", "0", *SLURM_ARGS
+            self.workdir,
+            self.config,
+            "--profile",
+            PROFILE,
+            "--retries",
+            "0",
+            *SLURM_ARGS,
+            "--resources",
+            "llm_api=2",
         )
         proc = subprocess.Popen(
             cmd, env=workflow_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import h5py
@@ -40,11 +43,21 @@ def _job_counts(output: str) -> dict[str, int]:
     }
 
 
+def _without_environment() -> dict[str, str]:
+    """A shell where the project's environment is not activated: its bin folder is not on PATH
+    (snakemake is still started by its absolute path, as `.venv/bin/snakemake ...`)."""
+    env = workflow_env()
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != bin_dir)
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     workdir = tmp_path_factory.mktemp("run")
     config = _config(workdir)
-    env = workflow_env()
+    env = _without_environment()  # the jobs find the package through snakemake's interpreter
     dry = run_snakemake(workdir, config, "-n", env=env)
     assert _job_counts(dry.stdout + dry.stderr) == {
         "render_demo_probe": 1,
@@ -62,7 +75,9 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "all": 1,
     }
     assert not (workdir / "results" / "demo" / "probe").exists(), "a dry run wrote outputs"
-    run_snakemake(workdir, config, env=env)
+    proc = run_snakemake(workdir, config, env=env)
+    # the end of the run says how many neurons were described, and that none failed
+    assert "dnd: 39 of 39 neurons described" in proc.stdout + proc.stderr
     return workdir, config
 
 
@@ -81,7 +96,15 @@ def test_full_run_writes_the_table(finished: tuple[Path, Path]) -> None:
     assert dnd["label"].notna().all() and dnd["labels"].map(len).between(1, 3).all()
     assert (dnd["captions"].map(len) == 5).all() and dnd["candidates"].map(len).ge(1).all()
     assert all(row["label"] == row["labels"][0] for _, row in dnd.iterrows())
-    assert json.loads(dnd["models"].iloc[0])["synthesizer"] == "procedural"
+    assert (dnd["status"] == "ok").all() and dnd["error"].isna().all()
+    # the models that ran, as their stages recorded them, and nothing that did not run
+    assert json.loads(dnd["models"].iloc[0]) == {
+        "target": "python:neuroscribe.demo:tiny_cnn@results/demo/models/shapenet.pt",
+        "captioner": "annotations",
+        "llm": "none:frequency-5",
+        "synthesizer": "procedural:world-v1@64px",
+        "similarity": "target-features:penultimate",
+    }
     for _, row in table.iterrows():
         assert len(row["exemplar_ids"]) == 5
         assert set(row["exemplar_ids"]) <= set(manifest["image_id"])
@@ -186,6 +209,46 @@ def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
     assert chunk.exists()
     assert (other.stat().st_mtime_ns, shard.stat().st_mtime_ns) == stamps
     pd.testing.assert_frame_equal(pd.read_parquet(results / "descriptions.parquet"), before)
+
+    # deleted activation files are rebuilt too: a merged layer file, then a shard
+    layer = results / "activations" / "shapenet" / "fc.h5"
+    layer.unlink()
+    dry = run_snakemake(workdir, config, "-n", env=job_env)
+    counts = _job_counts(dry.stdout + dry.stderr)
+    assert counts["merge_activations"] == 1 and "activations" not in counts
+    run_snakemake(workdir, config, env=job_env)
+    assert layer.exists()
+    pd.testing.assert_frame_equal(pd.read_parquet(results / "descriptions.parquet"), before)
+    kept = shard.with_name("kept.h5")
+    shutil.copy2(shard, kept)
+    shard.unlink()
+    dry = run_snakemake(workdir, config, "-n", env=job_env)
+    counts = _job_counts(dry.stdout + dry.stderr)
+    assert counts["activations"] == 1 and counts["merge_activations"] == 2
+    kept.rename(shard)  # as it was (same bytes and time): the tests below start from a whole run
+
+
+def test_a_changed_setting_reruns_the_jobs_it_changes_and_no_others(
+    finished: tuple[Path, Path], job_env: dict[str, str], tmp_path: Path
+) -> None:
+    workdir, config = finished
+    cfg = yaml.safe_load(config.read_text())
+    # a setting of the scores only: their jobs and what reads them, nothing upstream
+    changed = tmp_path / "beta.yaml"
+    changed.write_text(yaml.safe_dump(cfg | {"scoring": {"beta": 3}}))
+    dry = run_snakemake(workdir, changed, "-n", env=job_env)
+    assert _job_counts(dry.stdout + dry.stderr) == {
+        "scores": 3,
+        "describe": 1,
+        "evaluate_demo": 1,
+        "all": 1,
+    }
+    assert "Params have changed since last execution" in dry.stdout + dry.stderr
+    # a setting of speed, not of results: nothing to redo
+    faster = tmp_path / "batch.yaml"
+    faster.write_text(yaml.safe_dump(cfg | {"batch_size": 7}))
+    dry = run_snakemake(workdir, faster, "-n", env=job_env)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
 def test_plan_prints_a_summary_and_writes_plan_json(
@@ -300,8 +363,12 @@ def test_the_full_pipeline_on_tiny_foundation_models(tmp_path: Path) -> None:
         assert len(dnd) == 32 and dnd["label"].notna().all()
         assert all(row["label"] in list(row["candidates"]) for _, row in dnd.iterrows())
         models = json.loads(dnd["models"].iloc[0])
-        assert models["synthesizer"] == f"diffusers:{sd}:steps=2"
-        assert models["similarity"] == f"clip:{clip}"
+        assert models["synthesizer"] == (
+            f"diffusers:{sd}:steps=2:guidance=7.5:size=32:scheduler=default:dtype=float32"
+        )
+        assert models["similarity"] == f"clip:{clip}:float32"
+        assert models["llm"] == f"batched:openai:{server.base_url}:fake-model"
+        assert models["captioner"].startswith(f"blip:{blip}:")
         synthesis = pd.concat(
             pd.read_parquet(p) for p in sorted((results / "synthesis").rglob("*.parquet"))
         )
@@ -320,3 +387,36 @@ def test_the_full_pipeline_on_tiny_foundation_models(tmp_path: Path) -> None:
     assert "sk-never-logged-42" not in logs
     rerun_log = results / "logs" / "concepts" / "shapenet" / "conv2" / "0001.log"
     assert "16 neurons (0 failed), 0 requests, 4 cache hits" in rerun_log.read_text()
+
+
+def test_a_run_where_every_neuron_failed_fails_and_the_fixed_server_is_asked_again(
+    tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """The LLM server's replies are valid JSON in the wrong shape (and so are the repairs):
+    the concepts job fails, naming why; once the server is fixed, the next run asks for those
+    neurons again (the unusable replies are not served from the cache) and succeeds."""
+    from fake_openai import Reply, fake_openai, labeller
+
+    cfg = yaml.safe_load(_config(tmp_path).read_text())
+    cfg["targets"][0].pop("train")  # random weights: the plumbing is under test
+    cfg["targets"][0]["layers"] = [{"name": "fc", "neurons": "all"}]
+    with fake_openai(default=lambda body: Reply(json.dumps({"labels": ["x"]}))) as server:
+        cfg["llm"] = {"backend": "openai", "model": "m", "base_url": server.base_url}
+        cfg["llm"]["api_key_env"] = None
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        # the local profile, as a user runs it: a failed job's log is shown
+        profile = ("--profile", str(REPO / "profiles" / "local"))
+        failed = run_snakemake(tmp_path, config, *profile, env=job_env, check=False)
+        assert failed.returncode != 0
+        out = failed.stdout + failed.stderr
+        assert "7 of 7 neurons failed, more than max_failed_fraction (0.2) allows" in out
+        assert len(server.requests) == 14  # a request and a repair per neuron
+        results = tmp_path / "results" / "demo"
+        assert not (results / "descriptions.parquet").exists()
+        server.default = labeller
+        fixed = run_snakemake(tmp_path, config, *profile, env=job_env)
+        assert len(server.requests) == 14 + 7
+    assert "dnd: 7 of 7 neurons described" in fixed.stdout + fixed.stderr
+    table = pd.read_parquet(results / "descriptions.parquet")
+    assert (table["status"] == "ok").all() and table[table.method == "dnd"]["label"].notna().all()

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 from neuroscribe.config import DatasetSpec, LayerSpec, TargetSpec
 from neuroscribe.io import write_json
+from neuroscribe.redaction import RedactingFilter, redact, secret_values
 
 # Stage modules are imported inside each stage: a light job (manifest, merge, table) then never
 # pays for importing torch, which is most of a small job's start-up time.
@@ -37,7 +39,9 @@ def _manifest(a: dict[str, Any]) -> None:
     from neuroscribe import probe
 
     datasets = [DatasetSpec.from_dict(d) for d in a["datasets"]]
-    probe.build_manifest(datasets, a["results"], a["manifest"], a["rejected"], a.get("workers", 1))
+    probe.build_manifest(
+        datasets, a["results"], a["manifest"], a["rejected"], a.get("workers", 1), a["resize"]
+    )
 
 
 def _activations(a: dict[str, Any]) -> None:
@@ -109,6 +113,7 @@ def _concepts(a: dict[str, Any]) -> None:
         cache=a["cache"],
         device=a["device"],
         dtype=a["dtype"],
+        max_failed_fraction=a["max_failed_fraction"],
     )
 
 
@@ -140,6 +145,7 @@ def _scores(a: dict[str, Any]) -> None:
         top_k=a["top_k"],
         settings=a["settings"],
         save_every=a["save_every"],
+        max_failed_fraction=a["max_failed_fraction"],
     )
 
 
@@ -161,20 +167,46 @@ def _describe(a: dict[str, Any]) -> None:
         a["parquet"],
         a["csv"],
         captions=a.get("captions", []),
+        concepts=a.get("concepts", []),
+        synthesis=a.get("synthesis", []),
         scores=a.get("scores", []),
-        roles=a.get("roles", {}),
     )
 
 
 def _plan(a: dict[str, Any]) -> None:
-    from neuroscribe.plan import cluster_jobs, format_plan, observe_concepts
+    from neuroscribe.plan import (
+        cluster_jobs,
+        format_plan,
+        memory_warnings,
+        observe_concepts,
+        observe_memory,
+    )
 
     plan = observe_concepts(a["plan"], a.get("images_per_concept", 10))
+    plan = observe_memory(plan, a["resources"])
     if "cluster" in a:
         plan["cluster"] = cluster_jobs(plan["jobs"], a["cluster"])
     write_json(plan, a["out"])
     print(format_plan(plan))
+    for warning in memory_warnings(plan):
+        print(warning)
     print(f"plan written to {a['out']}")
+
+
+def _check_weights(a: dict[str, Any]) -> None:
+    from neuroscribe import weights
+
+    record = weights.check_weights(TargetSpec.from_dict(a["target"]), a["weights"], a["out"])
+    print(
+        f"{record.target}: {record.weights} ({record.format}, {record.tensors} tensors, "
+        f"{record.parameters:,} values) fits {record.spec}"
+    )
+
+
+def _prefetch(a: dict[str, Any]) -> None:
+    from neuroscribe import prefetch
+
+    prefetch.run_prefetch([prefetch.ModelRef(**m) for m in a["models"]])
 
 
 STAGES: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -191,20 +223,48 @@ STAGES: dict[str, Callable[[dict[str, Any]], None]] = {
     "describe": _describe,
     "evaluate": _evaluate,
     "plan": _plan,
+    "check-weights": _check_weights,
+    "prefetch": _prefetch,
 }
+
+
+def check_config(paths: list[str]) -> int:
+    """`neuroscribe check-config FILE...`: the files as --configfile layers them, checked."""
+    from neuroscribe.config import ConfigError
+    from neuroscribe.configfiles import check_config_files
+
+    try:
+        print(check_config_files(paths))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check-config"] and len(argv) > 1:
+        return check_config(argv[1:])
     if len(argv) != 2 or argv[0] not in STAGES:
         print(
-            f"usage: python -m neuroscribe {{{','.join(STAGES)}}} JSON_ARGUMENTS", file=sys.stderr
+            f"usage: python -m neuroscribe {{{','.join(STAGES)}}} JSON_ARGUMENTS\n"
+            "       python -m neuroscribe check-config CONFIG_FILE...",
+            file=sys.stderr,
         )
         return 2
+    args = json.loads(argv[1])
+    # an API key must not reach the job log, even inside an error a server echoed back
+    secrets = secret_values([(args.get("llm") or {}).get("api_key_env")])
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter(secrets))
     logging.basicConfig(
         level=logging.INFO,
-        stream=sys.stderr,
+        handlers=[handler],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    STAGES[argv[0]](json.loads(argv[1]))
+    try:
+        STAGES[argv[0]](args)
+    except Exception:
+        print(redact(traceback.format_exc(), secrets), file=sys.stderr, end="")
+        return 1
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,14 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.y
 FILELIST_SUFFIXES = (".csv", ".parquet")
 # the chat model each llm backend uses when the config names none
 DEFAULT_LLM_MODELS = {"local": "Qwen/Qwen2.5-3B-Instruct", "openai": "gpt-4o-mini", "none": None}
+
+
+NO_CONFIG = (
+    "no config given: pass one with --configfile, e.g. `snakemake --profile profiles/local "
+    "--configfile config/demo.yaml` for the built-in demo, or your own file (start from "
+    "config/config.yaml; put site settings in an overlay: --configfile config/config.yaml "
+    "site.yaml)"
+)
 
 
 class ConfigError(ValueError):
@@ -109,6 +116,8 @@ def validate_config(config: dict[str, Any], check_paths: bool = True) -> dict[st
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
 
+    if not config:
+        raise ConfigError(NO_CONFIG)
     try:
         validate(config, str(SCHEMA_PATH))
     except WorkflowError as exc:
@@ -118,6 +127,13 @@ def validate_config(config: dict[str, Any], check_paths: bool = True) -> dict[st
         raise
     _check_semantics(config, check_paths)
     return config
+
+
+def run_name(config: dict[str, Any]) -> str:
+    """The run's folder name under results/: `run`, or `run-preset` when a preset is layered on,
+    so a preset's results never overwrite those of the settings it is compared with."""
+    preset = config.get("preset")
+    return f"{config['run']}-{preset}" if preset else config["run"]
 
 
 def targets_from_config(config: dict[str, Any]) -> list[TargetSpec]:
@@ -248,6 +264,12 @@ def _check_semantics(config: dict[str, Any], check_paths: bool) -> None:
                 f"config key 'targets[{i}].weights': file {weights!r} does not exist"
                 + ("; use `pretrained` for timm's own weights" if kind == "timm" else "")
             )
+        if check_paths and weights and weights_is_file:
+            # imported here: weights.py imports this module
+            from neuroscribe.weights import sniff_weights
+
+            if (problem := sniff_weights(weights)) is not None:
+                raise ConfigError(f"config key 'targets[{i}].weights': {problem}")
     datasets = config["probe"]["datasets"]
     _unique([d["name"] for d in datasets], "probe dataset name")
     for i, ds in enumerate(datasets):
@@ -317,10 +339,3 @@ def _check_roles(config: dict[str, Any], check_paths: bool) -> None:
             and not Path(model).expanduser().is_dir()
         ):
             raise ConfigError(f"config key '{key}': folder {model!r} does not exist")
-    key_env = llm["api_key_env"]
-    if llm["backend"] == "openai" and key_env and not os.environ.get(key_env):
-        raise ConfigError(
-            f"config key 'llm.api_key_env': environment variable {key_env} is empty; export it "
-            "with your API key before running (the key is never read from the config), or set "
-            "llm.api_key_env to null for a server that needs no key"
-        )

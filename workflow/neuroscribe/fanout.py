@@ -15,11 +15,12 @@ from neuroscribe.config import (
     DatasetSpec,
     TargetSpec,
     datasets_from_config,
+    run_name,
     targets_from_config,
     validate_config,
 )
 from neuroscribe.inspection import check_layers, inspect_target, output_layer
-from neuroscribe.probe import count_candidates
+from neuroscribe.probe import survey_probe
 
 # On a cluster each chunk is two jobs, not five: `propose` (exemplars, captions, concepts) and
 # `select` (synthesis, scores); profiles/slurm packs several chunks into one job per group.
@@ -86,9 +87,15 @@ class Layout:
     datasets: list[DatasetSpec]
     layer_sizes: dict[str, dict[str, int]]
     chunks: dict[tuple[str, str], list[Chunk]]
+    # probe files found when parsing, those with an image extension, and a fingerprint of them
+    # (names, sizes, mtimes) that reruns the manifest when one changes (probe.survey_probe)
     n_candidates: int
+    n_image_files: int
+    probe_fingerprint: str
     n_shards: int
     output_layers: dict[str, str | None]
+    # layers whose output is a spatial map [C, H, W], the only ones with attention crops
+    spatial_layers: dict[str, set[str]]
 
     def chunk(self, model: str, layer: str, name: str) -> Chunk:
         return self.chunks[(model, layer)][int(name)]
@@ -101,7 +108,7 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
     """Validate the config and work out every job the DAG will hold, without heavy work:
     layer shapes come from a cached inspection of the model, image counts from a file listing."""
     validate_config(config)
-    results = f"{Path(results_root).as_posix()}/{config['run']}"
+    results = f"{Path(results_root).as_posix()}/{run_name(config)}"
     targets = {
         t.name: replace(t, weights=trained_weights(results, t.name)) if t.train else t
         for t in targets_from_config(config)
@@ -109,12 +116,16 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
     layer_sizes: dict[str, dict[str, int]] = {}
     chunks: dict[tuple[str, str], list[Chunk]] = {}
     output_layers: dict[str, str | None] = {}
+    spatial_layers: dict[str, set[str]] = {}
     size = config["chunk_size"]
     for ti, target in enumerate(targets.values()):
         modules = inspect_target(target, f"{results}/inspect")
         sizes = check_layers(target, modules)
         output_layers[target.name] = output_layer(modules)
         layer_sizes[target.name] = sizes
+        spatial_layers[target.name] = {
+            name for name in sizes if len(modules[name]["shape"] or []) == 3
+        }
         for li, layer in enumerate(target.layers):
             where = f"config key 'targets[{ti}].layers[{li}].neurons' (layer {layer.name})"
             selected = select_neurons(layer.neurons, sizes[layer.name], where)
@@ -123,20 +134,23 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
                 for i, s in enumerate(range(0, len(selected), size))
             ]
     datasets = datasets_from_config(config)
-    n_candidates = count_candidates(datasets)
-    if n_candidates == 0:
+    survey = survey_probe(datasets)
+    if survey.files == 0:
         names = ", ".join(f"{d.name} ({d.path})" for d in datasets)
         raise ConfigError(
             f"the probe set is empty: no files in {names}; check probe.datasets paths"
         )
     return Layout(
-        run=config["run"],
+        run=run_name(config),
         results=results,
         targets=targets,
         datasets=datasets,
         layer_sizes=layer_sizes,
         chunks=chunks,
-        n_candidates=n_candidates,
-        n_shards=math.ceil(n_candidates / config["shard_size"]),
+        n_candidates=survey.files,
+        n_image_files=survey.image_files,
+        probe_fingerprint=survey.fingerprint,
+        n_shards=math.ceil(survey.files / config["shard_size"]),
         output_layers=output_layers,
+        spatial_layers=spatial_layers,
     )

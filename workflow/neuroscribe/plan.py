@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from neuroscribe.fanout import Layout
+from neuroscribe.weights import configured_weights_file
 
 # pipeline order, for printing (the plan travels as sorted JSON)
 STAGES = (
     "render_demo_probe",
     "train_demo_target",
+    "check_weights",
     "probe_manifest",
     "activations",
     "merge_activations",
@@ -61,6 +63,9 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
     jobs = {
         "render_demo_probe": sum(d.type == "demo" for d in layout.datasets),
         "train_demo_target": sum(t.train is not None for t in layout.targets.values()),
+        "check_weights": sum(
+            configured_weights_file(t) is not None for t in layout.targets.values()
+        ),
         "probe_manifest": 1,
         "activations": layout.n_shards * n_targets,
         "merge_activations": sum(len(t.layers) for t in layout.targets.values()),
@@ -110,6 +115,8 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
         "methods": config["methods"],
         "probe": {
             "files": layout.n_candidates,
+            # by extension: other files (a README, a CSV) will most likely be rejected
+            "image_files": layout.n_image_files,
             "datasets": [d.name for d in layout.datasets],
             "shards": layout.n_shards,
             "shard_size": config["shard_size"],
@@ -129,7 +136,11 @@ def cluster_jobs(jobs: dict[str, int], cluster: dict[str, Any]) -> dict[str, Any
     """The jobs a run submits to the cluster, per stage or group of stages, with the executor
     and profile of this invocation: local rules submit none, and a group submits one job per
     `group-components` of its connected parts (one per chunk for the chunk groups)."""
-    view: dict[str, Any] = {"executor": cluster["executor"], "remote": cluster["remote"]}
+    view: dict[str, Any] = {
+        "executor": cluster["executor"],
+        "remote": cluster["remote"],
+        "limits": cluster.get("limits", {}),
+    }
     if not cluster["remote"]:
         return view
     submitted: dict[str, int] = {}
@@ -181,7 +192,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     probe = plan["probe"]
     lines = [
         f"neuroscribe plan for run '{plan['run']}' (results in {plan['results']}/)",
-        f"  probe: {probe['files']} files in {len(probe['datasets'])} dataset(s) "
+        f"  probe: {probe['files']} files ({probe['image_files']} with image extensions) "
+        f"in {len(probe['datasets'])} dataset(s) "
         f"({', '.join(probe['datasets'])}), {probe['shards']} shard(s) of ≤{probe['shard_size']}",
         f"  methods: {', '.join(plan['methods'])}; top-{plan['top_k']} images per neuron",
         "  neurons per layer:",
@@ -270,3 +282,77 @@ def observe_concepts(plan: dict[str, Any], images_per_concept: int) -> dict[str,
         "images_per_neuron": images / max(neurons, 1),
     }
     return plan
+
+
+# the stage (config `resources.<stage>`) of each rule that writes a benchmark file
+RULE_STAGES = {
+    "probe_manifest": "manifest",
+    "train_demo_target": "train",
+    "activations": "activations",
+    "merge_activations": "merge",
+    "exemplars": "exemplars",
+    "captions": "captions",
+    "concepts": "concepts",
+    "synthesis": "synthesis",
+    "scores": "scores",
+    "describe": "describe",
+}
+# warn when a measured peak comes this close to the request: the next, slightly larger chunk
+# or layer is killed for memory and retried with more (on SLURM, an out-of-memory retry loop)
+MEMORY_MARGIN = 0.10
+
+
+def _benchmark_peaks(results: str | Path) -> dict[str, tuple[float, str]]:
+    """The highest `max_rss` (MB) each stage's finished jobs reached, with the job's file."""
+    import csv
+
+    peaks: dict[str, tuple[float, str]] = {}
+    root = Path(results, "benchmarks")
+    for path in sorted(root.rglob("*.tsv")):
+        rule = path.relative_to(root).parts[0].removesuffix(".tsv")
+        stage = RULE_STAGES.get(rule)
+        if stage is None:
+            continue
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f, delimiter="\t"):
+                try:
+                    rss = float(row.get("max_rss", ""))
+                except ValueError:
+                    continue  # "NA": the job ended before its memory was sampled
+                if rss > peaks.get(stage, (-1.0, ""))[0]:
+                    peaks[stage] = (rss, str(path.relative_to(root)))
+    return peaks
+
+
+def observe_memory(plan: dict[str, Any], resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Compare each stage's measured peak memory (benchmark files of finished jobs) with its
+    request, and list the stages that came within MEMORY_MARGIN of it (run once, by `plan`)."""
+    measured = {}
+    for stage, (peak, job) in _benchmark_peaks(plan["results"]).items():
+        asked = resources[stage]["mem_mb"]
+        measured[stage] = {
+            "peak_mb": round(peak, 1),
+            "requested_mb": asked,
+            "job": job,
+            "tight": peak >= (1 - MEMORY_MARGIN) * asked,
+        }
+    if measured:
+        plan["memory"] = measured
+    return plan
+
+
+def memory_warnings(plan: dict[str, Any]) -> list[str]:
+    lines = []
+    memory = plan.get("memory", {})
+    for stage in sorted(memory, key=lambda s: list(RULE_STAGES.values()).index(s)):
+        m = memory[stage]
+        if not m["tight"]:
+            continue
+        where = "above" if m["peak_mb"] > m["requested_mb"] else f"within {MEMORY_MARGIN:.0%} of"
+        lines.append(
+            f"  warning: {stage} jobs peaked at {m['peak_mb']:.0f} MB ({m['job']}), {where} "
+            f"their request of {m['requested_mb']} MB: raise resources.{stage}.mem_mb in the "
+            f"config, or larger {stage} jobs will run out of memory (on SLURM: killed and "
+            "retried with more)"
+        )
+    return lines

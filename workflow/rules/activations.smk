@@ -2,6 +2,7 @@ rule activations:
     input:
         manifest=f"{RESULTS}/probe/manifest.parquet",
         weights=trained_weights_of,
+        weights_check=weights_record_of,
     output:
         f"{RESULTS}/activations/{{model}}/shard-{{shard}}.h5",
     log:
@@ -14,8 +15,10 @@ rule activations:
     resources:
         mem_mb=scaled("activations", "mem_mb"),
         runtime=scaled("activations", "runtime"),
-        gpu=stage_resource("activations", "gpus"),
+        gpu=gpus("activations"),
     params:
+        # a changed setting reruns the job (see result_settings)
+        settings=lambda w: result_settings("activations", w),
         args=lambda w, input, output, threads: as_json(
             {
                 "manifest": input.manifest,
@@ -31,7 +34,7 @@ rule activations:
             }
         ),
     shell:
-        "python -m neuroscribe activations {params.args:q} 2> {log}"
+        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe activations {params.args:q} 2> {log}"
 
 
 rule merge_activations:
@@ -50,6 +53,8 @@ rule merge_activations:
         mem_mb=scaled("merge", "mem_mb"),
         runtime=scaled("merge", "runtime"),
     params:
+        # a changed setting reruns the job (see result_settings)
+        settings=lambda w: result_settings("merge", w),
         args=lambda w, input, output: as_json(
             {
                 "shards": list(input),
@@ -60,4 +65,4 @@ rule merge_activations:
             }
         ),
     shell:
-        "python -m neuroscribe merge {params.args:q} 2> {log}"
+        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe merge {params.args:q} 2> {log}"

@@ -1,19 +1,46 @@
 import json
+import os
+import shlex
+import sys
+import time
 
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+from neuroscribe.describe import failure_summary
 from neuroscribe.fanout import CHUNK_GROUPS, build_layout
 from neuroscribe.plan import build_plan
 from neuroscribe.probe import demo_folder
+from neuroscribe.resources import DEFAULT_LIMITS, stage_gpus
 
-
-configfile: "config/config.yaml"
-
-
+# No `configfile:` here: a default config would be merged under every --configfile, filling
+# keys the user left out with another run's models. Without --configfile this fails, saying so.
 # Validates the config (defaults filled in) and inspects the models (cached), so a bad config
 # or layer name fails here, before `snakemake -n` prints anything.
+STARTED = time.time()
 LAYOUT = build_layout(config)
 RESULTS = LAYOUT.results
 CPU_ENV = "../../envs/cpu.yaml"
 GPU_ENV = "../../envs/gpu.yaml"
+# Jobs run the package with the interpreter running snakemake (which has just imported it), so
+# they work without an activated environment, on SLURM nodes too (the variable reaches them
+# through the submission's environment; same path on the shared filesystem); with
+# --use-conda, the job environment's own python. An environment variable, not a path in the
+# rules: moving the environment must not change the rules' code and so rerun every job.
+os.environ["NEUROSCRIBE_PYTHON"] = (
+    "python"
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    else shlex.quote(sys.executable)
+)
+
+
+envvars:
+    "NEUROSCRIBE_PYTHON",
+
+# A `--resources` on the command line replaces the profile's whole map; keep the limits the
+# rules rely on unless the user set them.
+for _name, _limit in DEFAULT_LIMITS.items():
+    if _name not in workflow.global_resources:
+        workflow.register_resource(_name, _limit)
 
 
 wildcard_constraints:
@@ -39,8 +66,66 @@ def scaled(stage, key):
     return lambda wildcards, attempt: base * attempt
 
 
+def largest_resize():
+    """The largest shorter side a target resizes probe images to: bounds each resized image."""
+    return max(t.transform.resize for t in LAYOUT.targets.values())
+
+
+# Settings that are not results: a change must not rerun finished jobs.
+PERFORMANCE_KEYS = {"batch_size", "max_concurrency", "max_attempts", "timeout_s", "run_on"}
+
+
+def _without_performance(section):
+    return {k: v for k, v in section.items() if k not in PERFORMANCE_KEYS}
+
+
+def result_settings(stage, wildcards):
+    """Everything in the config that changes what a job of `stage` writes, as a param of its
+    own: Snakemake reruns a job whose params changed, but only compares params that are not
+    computed from input, output or threads (as each rule's `args` is)."""
+    compute = {"device": config["device"], "dtype": config["dtype"]}
+    w = wildcards
+    if stage == "activations":  # a shard holds every layer of the target
+        return as_json({"target": target_dict(w.model)} | compute)
+    if stage == "merge":
+        return as_json({"target": layer_target(w.model, w.layer), "top_k": config["top_k"]})
+    if stage == "exemplars":
+        chunk = LAYOUT.chunk(w.model, w.layer, w.chunk)
+        return as_json(
+            {
+                "target": layer_target(w.model, w.layer),
+                "neurons": list(chunk.neurons),
+                "top_k": config["top_k"],
+                "crops": has_crops(w.model, w.layer),
+            }
+            | compute
+        )
+    if stage == "captions":
+        return as_json({"captioner": _without_performance(config["captioner"])} | compute)
+    if stage == "concepts":
+        return as_json({"llm": _without_performance(config["llm"])} | compute)
+    if stage == "synthesis":
+        return as_json({"synthesizer": _without_performance(config["synthesizer"])} | compute)
+    if stage == "scores":
+        return as_json(
+            {
+                "target": layer_target(w.model, w.layer),
+                "scoring": config["scoring"],
+                "top_k": config["top_k"],
+            }
+            | compute
+        )
+    raise ValueError(f"no result settings for stage {stage!r}")
+
+
 def target_dict(model):
     return LAYOUT.targets[model].to_dict()
+
+
+def layer_target(model, layer):
+    """The target with only `layer` among its layers: adding a layer reruns no other layer."""
+    target = target_dict(model)
+    return target | {"layers": [x for x in target["layers"] if x["name"] == layer]}
 
 
 def model_ids():
@@ -120,6 +205,21 @@ def shard_files(wildcards):
     )
 
 
+def activation_outputs():
+    """Shards and merged layer files, so a deleted one is rebuilt on the next run."""
+    return [
+        f
+        for model in LAYOUT.targets
+        for f in [
+            *expand(
+                f"{RESULTS}/activations/{model}/shard-{{shard:04d}}.h5",
+                shard=range(LAYOUT.n_shards),
+            ),
+            *layer_files(model).values(),
+        ]
+    ]
+
+
 def chunk_outputs(stage, suffix):
     return [
         f"{RESULTS}/{stage}/{c.model}/{c.layer}/{c.name}.{suffix}"
@@ -142,24 +242,18 @@ def annotation_worlds(wildcards):
     return [folder for _, folder in annotation_world_pairs()]
 
 
-def captioner_gpus():
-    # the annotations captioner reads a table: no GPU to wait for
-    if config["captioner"]["backend"] == "annotations":
-        return 0
-    return stage_resource("captions", "gpus")
+def gpus(stage):
+    """GPUs per job: none on `device: cpu` or for backends that run no model on one."""
+    return stage_gpus(config, stage)
 
 
-def llm_gpus():
-    # only a chat model run inside the job needs a GPU; API clients and `none` do not
-    if config["llm"]["backend"] != "local":
-        return 0
-    return stage_resource("concepts", "gpus")
+def has_crops(model, layer):
+    """Attention crops need the layer's spatial map; without them exemplars are a top-K lookup."""
+    return config["crops"] and layer in LAYOUT.spatial_layers[model]
 
 
-def synthesizer_gpus():
-    if config["synthesizer"]["backend"] == "procedural":
-        return 0
-    return stage_resource("synthesis", "gpus")
+def exemplar_gpus(wildcards):
+    return gpus("exemplars") if has_crops(wildcards.model, wildcards.layer) else 0
 
 
 def concepts_on_head():
@@ -191,7 +285,14 @@ def cluster_view():
         },
         "local": [name for name, r in rules.items() if workflow.is_local(r)],
         "group_components": dict(workflow.group_settings.group_components),
+        "limits": {name: resource_limit(name) for name in DEFAULT_LIMITS},
     }
+
+
+def resource_limit(name):
+    """The limit this invocation puts on a resource (`--resources`, the profile, or ours)."""
+    limit = workflow.global_resources.get(name)
+    return getattr(limit, "value", limit)
 
 
 def method_outputs():
@@ -205,31 +306,29 @@ def method_outputs():
 def describe_inputs():
     inputs = {"exemplars": chunk_outputs("exemplars", "parquet")}
     if "dnd" in config["methods"]:
-        inputs["captions"] = chunk_outputs("captions", "parquet")
-        inputs["scores"] = chunk_outputs("scores", "parquet")
+        for stage in ["captions", "concepts", "synthesis", "scores"]:
+            inputs[stage] = chunk_outputs(stage, "parquet")
     return inputs
 
 
-def role_ids():
-    """The model of each role the enabled methods use, for the final table."""
-    if "dnd" not in config["methods"]:
-        return {}
-    sim = config["scoring"]["similarity"]
-    synth = config["synthesizer"]
-    return {
-        "captioner": config["captioner"]["backend"]
-        + (
-            f":{config['captioner']['model']}"
-            if config["captioner"]["backend"] == "blip"
-            else ""
-        ),
-        "llm": f"{config['llm']['backend']}:{config['llm']['model']}:{config['llm']['prompt_mode']}",
-        "synthesizer": synth["backend"]
-        + (
-            f":{synth['model']}:steps={synth['steps']}"
-            if synth["backend"] == "diffusers"
-            else ""
-        ),
-        "similarity": sim["backend"]
-        + (f":{sim['model']}" if sim["backend"] == "clip" else ""),
-    }
+def report_failures():
+    """After a run that wrote the table: how many neurons each method described or failed."""
+    table = f"{RESULTS}/descriptions.parquet"
+    if os.path.exists(table) and os.path.getmtime(table) >= STARTED:
+        print(failure_summary(table, f"{RESULTS}/logs"), file=sys.stderr)
+
+
+def weights_file_of(wildcards):
+    """The weights file the config names for a target (python:/timm: with a file), or none."""
+    from neuroscribe.weights import configured_weights_file
+
+    path = configured_weights_file(LAYOUT.targets[wildcards.model])
+    return [path] if path else []
+
+
+def weights_record_of(wildcards):
+    """The check_weights record of a target with a weights file: jobs that load the weights
+    wait for it, so a bad file fails once, cheaply, before any GPU job."""
+    if not weights_file_of(wildcards):
+        return []
+    return [f"{RESULTS}/inspect/{wildcards.model}.weights.json"]

@@ -19,16 +19,17 @@ rule describe:
             {
                 "exemplars": list(input.exemplars),
                 "captions": list(input.get("captions", [])),
+                "concepts": list(input.get("concepts", [])),
+                "synthesis": list(input.get("synthesis", [])),
                 "scores": list(input.get("scores", [])),
                 "models": model_ids(),
-                "roles": role_ids(),
                 "methods": config["methods"],
                 "parquet": output.parquet,
                 "csv": output.csv,
             }
         ),
     shell:
-        "python -m neuroscribe describe {params.args:q} 2> {log}"
+        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe describe {params.args:q} 2> {log}"
 
 
 # No declared output, so `snakemake plan` always prints the summary; it still writes plan.json.
@@ -45,8 +46,9 @@ rule plan:
                 "plan": build_plan(LAYOUT, config),
                 "out": f"{RESULTS}/plan.json",
                 "images_per_concept": config["synthesizer"]["images_per_concept"],
+                "resources": config["resources"],
                 "cluster": cluster_view(),
             }
         ),
     shell:
-        "python -m neuroscribe plan {params.args:q} 2> {log}"
+        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe plan {params.args:q} 2> {log}"

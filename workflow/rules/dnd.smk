@@ -20,8 +20,10 @@ rule captions:
     resources:
         mem_mb=scaled("captions", "mem_mb"),
         runtime=scaled("captions", "runtime"),
-        gpu=captioner_gpus(),
+        gpu=gpus("captions"),
     params:
+        # a changed setting reruns the job (see result_settings)
+        settings=lambda w: result_settings("captions", w),
         args=lambda w, input, output: as_json(
             {
                 "exemplars": input.exemplars,
@@ -35,7 +37,7 @@ rule captions:
             }
         ),
     shell:
-        "python -m neuroscribe captions {params.args:q} 2> {log}"
+        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe captions {params.args:q} 2> {log}"
 
 
 rule concepts:
@@ -57,10 +59,12 @@ rule concepts:
     resources:
         mem_mb=scaled("concepts", "mem_mb"),
         runtime=scaled("concepts", "runtime"),
-        gpu=llm_gpus(),
+        gpu=gpus("concepts"),
         # caps API jobs running at once: `snakemake --resources llm_api=2`
         llm_api=int(config["llm"]["backend"] == "openai"),
     params:
+        # a changed setting reruns the job (see result_settings)
+        settings=lambda w: result_settings("concepts", w),
         args=lambda w, input, output: as_json(
             {
                 "captions": input[0],
@@ -69,10 +73,11 @@ rule concepts:
                 "cache": f"{RESULTS}/cache",
                 "device": config["device"],
                 "dtype": config["dtype"],
+                "max_failed_fraction": config["max_failed_fraction"],
             }
         ),
     shell:
-        "python -m neuroscribe concepts {params.args:q} 2> {log}"
+        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe concepts {params.args:q} 2> {log}"
 
 
 rule synthesis:
@@ -92,8 +97,10 @@ rule synthesis:
     resources:
         mem_mb=scaled("synthesis", "mem_mb"),
         runtime=scaled("synthesis", "runtime"),
-        gpu=synthesizer_gpus(),
+        gpu=gpus("synthesis"),
     params:
+        # a changed setting reruns the job (see result_settings)
+        settings=lambda w: result_settings("synthesis", w),
         args=lambda w, input, output: as_json(
             {
                 "concepts": input[0],
@@ -105,7 +112,7 @@ rule synthesis:
             }
         ),
     shell:
-        "python -m neuroscribe synthesis {params.args:q} 2> {log}"
+        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe synthesis {params.args:q} 2> {log}"
 
 
 rule scores:
@@ -115,6 +122,7 @@ rule scores:
         exemplars=f"{RESULTS}/exemplars/{{model}}/{{layer}}/{{chunk}}.parquet",
         manifest=f"{RESULTS}/probe/manifest.parquet",
         weights=trained_weights_of,
+        weights_check=weights_record_of,
     output:
         f"{RESULTS}/scores/{{model}}/{{layer}}/{{chunk}}.parquet",
     log:
@@ -129,8 +137,10 @@ rule scores:
     resources:
         mem_mb=scaled("scores", "mem_mb"),
         runtime=scaled("scores", "runtime"),
-        gpu=stage_resource("scores", "gpus"),
+        gpu=gpus("scores"),
     params:
+        # a changed setting reruns the job (see result_settings)
+        settings=lambda w: result_settings("scores", w),
         args=lambda w, input, output, threads: as_json(
             {
                 "concepts": input.concepts,
@@ -143,6 +153,7 @@ rule scores:
                 "scoring": config["scoring"],
                 "top_k": config["top_k"],
                 "save_every": config["save_every"],
+                "max_failed_fraction": config["max_failed_fraction"],
                 "settings": {
                     "batch_size": config["batch_size"],
                     "workers": threads,
@@ -152,4 +163,4 @@ rule scores:
             }
         ),
     shell:
-        "python -m neuroscribe scores {params.args:q} 2> {log}"
+        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe scores {params.args:q} 2> {log}"

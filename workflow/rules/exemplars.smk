@@ -3,6 +3,7 @@ rule exemplars:
         layer=f"{RESULTS}/activations/{{model}}/{{layer}}.h5",
         manifest=f"{RESULTS}/probe/manifest.parquet",
         weights=trained_weights_of,
+        weights_check=weights_record_of,
     output:
         f"{RESULTS}/exemplars/{{model}}/{{layer}}/{{chunk}}.parquet",
     log:
@@ -17,8 +18,10 @@ rule exemplars:
     resources:
         mem_mb=scaled("exemplars", "mem_mb"),
         runtime=scaled("exemplars", "runtime"),
-        gpu=stage_resource("exemplars", "gpus"),
+        gpu=exemplar_gpus,
     params:
+        # a changed setting reruns the job (see result_settings)
+        settings=lambda w: result_settings("exemplars", w),
         args=lambda w, input, output, threads: as_json(
             {
                 "layer_h5": input.layer,
@@ -28,7 +31,7 @@ rule exemplars:
                 "neurons": list(LAYOUT.chunk(w.model, w.layer, w.chunk).neurons),
                 "out": output[0],
                 "top_k": config["top_k"],
-                "crops": config["crops"],
+                "crops": has_crops(w.model, w.layer),
                 "save_every": config["save_every"],
                 "batch_size": config["batch_size"],
                 "workers": threads,
@@ -37,4 +40,4 @@ rule exemplars:
             }
         ),
     shell:
-        "python -m neuroscribe exemplars {params.args:q} 2> {log}"
+        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe exemplars {params.args:q} 2> {log}"

@@ -15,11 +15,22 @@ rule probe_manifest:
         mem_mb=scaled("manifest", "mem_mb"),
         runtime=scaled("manifest", "runtime"),
     params:
-        # the file count makes Snakemake rebuild the manifest when files are added or removed
+        # What the manifest depends on, in a param of its own: Snakemake reruns a job whose
+        # params changed, but ignores params computed from input, output or threads (as `args`
+        # is). The fingerprint (names, sizes, mtimes of the probe files) rebuilds the manifest,
+        # and all that follows, when a file is added, removed, renamed or rewritten.
+        probe=as_json(
+            {
+                "datasets": [d.__dict__ for d in LAYOUT.datasets],
+                "fingerprint": LAYOUT.probe_fingerprint,
+                "resize": largest_resize(),
+            }
+        ),
         args=lambda w, output, threads: as_json(
             {
                 "datasets": [d.__dict__ for d in LAYOUT.datasets],
-                "files": LAYOUT.n_candidates,
+                # the largest shorter side a target resizes to: bounds each resized image
+                "resize": largest_resize(),
                 "results": RESULTS,
                 "manifest": output.manifest,
                 "rejected": output.rejected,
@@ -27,4 +38,4 @@ rule probe_manifest:
             }
         ),
     shell:
-        "python -m neuroscribe manifest {params.args:q} 2> {log}"
+        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe manifest {params.args:q} 2> {log}"

@@ -1,0 +1,36 @@
+"""What each stage's jobs ask the scheduler for: GPUs derived from the device and the backends.
+
+A job that cannot use a GPU must not ask for one: on `profiles/local` every GPU job takes the
+single `gpu` slot, so a CPU run whose jobs all claim it runs them one at a time; on SLURM a job
+asking for a GPU it does not use waits for a GPU node and wastes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# limits every invocation gets unless the command line or profile sets its own: a
+# `--resources llm_api=2` on the command line replaces the profile's whole `resources:` map, and
+# without `gpu` GPU jobs would share one device (locally) or a group would ask for several GPUs
+DEFAULT_LIMITS = {"gpu": 1, "llm_api": 4}
+
+
+def stage_uses_gpu(config: dict[str, Any], stage: str) -> bool:
+    """Whether the stage's backend computes anything on a GPU at all (device aside)."""
+    if stage == "captions":
+        return config["captioner"]["backend"] != "annotations"
+    if stage == "concepts":
+        return config["llm"]["backend"] == "local"  # an API or `none` needs no GPU here
+    if stage == "synthesis":
+        return config["synthesizer"]["backend"] != "procedural"
+    # the demo target trains on the CPU; manifest, merge and describe run no model
+    return stage in ("activations", "exemplars", "scores")
+
+
+def stage_gpus(config: dict[str, Any], stage: str) -> int:
+    """GPUs per job of `stage`: none on `device: cpu` or for a backend that runs no model;
+    else `resources.<stage>.gpus`, which defaults (null) to 1 for stages that use one."""
+    if config["device"] == "cpu" or not stage_uses_gpu(config, stage):
+        return 0
+    asked = config["resources"][stage]["gpus"]
+    return 1 if asked is None else asked
