@@ -66,8 +66,16 @@ def inspect_target(target: TargetSpec, cache_dir: str | Path) -> dict[str, dict[
     except Exception as exc:
         log.info("meta-device inspection of %s failed (%s); inspecting on CPU", target.spec, exc)
         modules = record_shapes(target, "cpu")
-    with atomic_path(cache) as tmp:
-        tmp.write_text(json.dumps({"key": key, "spec": target.spec, "modules": modules}))
+    try:
+        with atomic_path(cache) as tmp:
+            tmp.write_text(json.dumps({"key": key, "spec": target.spec, "modules": modules}))
+    except OSError as err:
+        # the first write of a run: a read-only or full results folder shows here, before any job
+        raise ConfigError(
+            f"cannot write {cache} ({err.strerror or err}): neuroscribe keeps everything under "
+            "results/{run}/ in the working directory; run where you can write, or pick another "
+            "working directory with snakemake's --directory"
+        ) from None
     return modules
 
 

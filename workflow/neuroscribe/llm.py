@@ -421,6 +421,8 @@ def _classify(err: BaseException) -> tuple[bool, float | None, int | None]:
 def _describe(err: BaseException) -> str:
     status = getattr(err, "status_code", None)
     message = getattr(err, "message", None) or str(err)
+    # openai's messages start "Error code: 404 - ": the status is said once, in front
+    message = re.sub(r"^Error code: \d+ - ", "", message)
     return f"HTTP {status}: {message}" if status else f"{type(err).__name__}: {message}"
 
 
