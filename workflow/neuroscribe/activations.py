@@ -196,8 +196,9 @@ def extract_shard(
                 )
                 buffers[name] = np.empty((len(rows), len(columns[name])), dtype=np.float16)
                 overflow[name] = 0
-            batch = values[:, torch.from_numpy(columns[name]).to(values.device)]
-            batch = batch.to(torch.float16).cpu().numpy()
+            if len(columns[name]) < values.shape[1]:  # a subset: gather it on the device
+                values = values[:, torch.from_numpy(columns[name]).to(values.device)]
+            batch = values.to(torch.float16).cpu().numpy()
             overflow[name] += int(np.isinf(batch).sum())
             buffers[name][done : done + n] = batch
         done += n

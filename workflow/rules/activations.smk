@@ -34,7 +34,7 @@ rule activations:
             }
         ),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe activations {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe activations {params.args:q} 2> {log}'
 
 
 rule merge_activations:
@@ -65,4 +65,4 @@ rule merge_activations:
             }
         ),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe merge {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe merge {params.args:q} 2> {log}'

@@ -1,6 +1,5 @@
 import json
 import os
-import shlex
 import sys
 import time
 
@@ -29,12 +28,13 @@ GPU_ENV = "../../envs/gpu.yaml"
 os.environ["NEUROSCRIBE_PYTHON"] = (
     "python"
     if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-    else shlex.quote(sys.executable)
+    else sys.executable
 )
 
 
 envvars:
     "NEUROSCRIBE_PYTHON",
+
 
 # A `--resources` on the command line replaces the profile's whole map; keep the limits the
 # rules rely on unless the user set them.
@@ -72,7 +72,13 @@ def largest_resize():
 
 
 # Settings that are not results: a change must not rerun finished jobs.
-PERFORMANCE_KEYS = {"batch_size", "max_concurrency", "max_attempts", "timeout_s", "run_on"}
+PERFORMANCE_KEYS = {
+    "batch_size",
+    "max_concurrency",
+    "max_attempts",
+    "timeout_s",
+    "run_on",
+}
 
 
 def _without_performance(section):
@@ -88,7 +94,9 @@ def result_settings(stage, wildcards):
     if stage == "activations":  # a shard holds every layer of the target
         return as_json({"target": target_dict(w.model)} | compute)
     if stage == "merge":
-        return as_json({"target": layer_target(w.model, w.layer), "top_k": config["top_k"]})
+        return as_json(
+            {"target": layer_target(w.model, w.layer), "top_k": config["top_k"]}
+        )
     if stage == "exemplars":
         chunk = LAYOUT.chunk(w.model, w.layer, w.chunk)
         return as_json(
@@ -101,11 +109,15 @@ def result_settings(stage, wildcards):
             | compute
         )
     if stage == "captions":
-        return as_json({"captioner": _without_performance(config["captioner"])} | compute)
+        return as_json(
+            {"captioner": _without_performance(config["captioner"])} | compute
+        )
     if stage == "concepts":
         return as_json({"llm": _without_performance(config["llm"])} | compute)
     if stage == "synthesis":
-        return as_json({"synthesizer": _without_performance(config["synthesizer"])} | compute)
+        return as_json(
+            {"synthesizer": _without_performance(config["synthesizer"])} | compute
+        )
     if stage == "scores":
         return as_json(
             {

@@ -11,7 +11,7 @@ rule render_demo_probe:
     params:
         args=lambda w, output: as_json(demo_args(w.dataset, output[0])),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe render-demo {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe render-demo {params.args:q} 2> {log}'
 
 
 rule train_demo_target:
@@ -31,7 +31,7 @@ rule train_demo_target:
     params:
         args=lambda w, output: as_json(train_args(w.model, output)),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe train {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe train {params.args:q} 2> {log}'
 
 
 rule evaluate_demo:
@@ -51,4 +51,4 @@ rule evaluate_demo:
     params:
         args=lambda w, input, output: as_json(evaluate_args(input, output)),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe evaluate {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe evaluate {params.args:q} 2> {log}'

@@ -29,7 +29,7 @@ rule describe:
             }
         ),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe describe {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe describe {params.args:q} 2> {log}'
 
 
 # No declared output, so `snakemake plan` always prints the summary; it still writes plan.json.
@@ -51,4 +51,4 @@ rule plan:
             }
         ),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe plan {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe plan {params.args:q} 2> {log}'

@@ -37,7 +37,7 @@ rule captions:
             }
         ),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe captions {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe captions {params.args:q} 2> {log}'
 
 
 rule concepts:
@@ -77,7 +77,7 @@ rule concepts:
             }
         ),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe concepts {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe concepts {params.args:q} 2> {log}'
 
 
 rule synthesis:
@@ -112,7 +112,7 @@ rule synthesis:
             }
         ),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe synthesis {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe synthesis {params.args:q} 2> {log}'
 
 
 rule scores:
@@ -163,4 +163,4 @@ rule scores:
             }
         ),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe scores {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe scores {params.args:q} 2> {log}'

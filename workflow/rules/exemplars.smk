@@ -40,4 +40,4 @@ rule exemplars:
             }
         ),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe exemplars {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe exemplars {params.args:q} 2> {log}'

@@ -22,7 +22,7 @@ rule check_weights:
             }
         ),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe check-weights {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe check-weights {params.args:q} 2> {log}'
 
 
 # `snakemake prefetch` on the login node downloads every model the config names into HF_HOME /
@@ -43,4 +43,4 @@ rule prefetch:
             }
         ),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe prefetch {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe prefetch {params.args:q} 2> {log}'

@@ -38,4 +38,4 @@ rule probe_manifest:
             }
         ),
     shell:
-        "${{NEUROSCRIBE_PYTHON:-python}} -m neuroscribe manifest {params.args:q} 2> {log}"
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe manifest {params.args:q} 2> {log}'
