@@ -221,8 +221,10 @@ def test_hidden_layer_described(workflow_run: Path) -> None:
         }
         assert len(pairs) == TOP_K
     with h5py.File(workflow_run / "activations" / MODEL / f"{HIDDEN_LAYER}.h5", "r") as h5:
-        # blocks.5 of EfficientNet-Lite0 outputs 192 channels (7×7), average-pooled
-        assert h5["activations"].shape == (len(PHOTOS), 192)
+        # blocks.5 of EfficientNet-Lite0 outputs 192 channels (7×7), average-pooled; only the
+        # described ones are stored, with their indices
+        assert list(h5["neurons"][:]) == HIDDEN_NEURONS
+        assert h5["activations"].shape == (len(PHOTOS), len(HIDDEN_NEURONS))
 
 
 def test_workflow_logits_match_direct_forward(
@@ -233,8 +235,11 @@ def test_workflow_logits_match_direct_forward(
     with h5py.File(workflow_run / "activations" / MODEL / "classifier.h5", "r") as h5:
         stored = h5["activations"][:].astype(np.float32)
         ids = h5["image_ids"][:].astype(str)
+        neurons = list(h5["neurons"][:])
     manifest = pd.read_parquet(workflow_run / "probe" / "manifest.parquet").set_index("image_id")
     paths = [Path(manifest.loc[i, "path"]) for i in ids]
     direct = _logits(loaded_model, paths).numpy()
-    assert stored.shape == direct.shape == (len(PHOTOS), 1000)
-    np.testing.assert_allclose(stored, direct, atol=0.05, rtol=0.01)
+    # the three described output neurons, in index order
+    assert neurons == sorted(EXPECTED_TOP) and direct.shape == (len(PHOTOS), 1000)
+    assert stored.shape == (len(PHOTOS), 3)
+    np.testing.assert_allclose(stored, direct[:, neurons], atol=0.05, rtol=0.01)

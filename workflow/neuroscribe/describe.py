@@ -89,28 +89,10 @@ def dnd_rows(
         .rename("captions")
         .reset_index()
     )
-    keep = [
-        *KEY,
-        "status",
-        "error",
-        "label",
-        "labels",
-        "score",
-        "score_kind",
-        *CANDIDATE_COLUMNS.values(),
-    ]
-    out = topk.drop(
-        columns=[
-            "status",
-            "error",
-            "label",
-            "labels",
-            "score",
-            "score_kind",
-            "captions",
-            *CANDIDATE_COLUMNS,
-        ]
-    )
+    # the per-neuron results come from the scores; the exemplars from `topk`
+    outcome = ["status", "error", "label", "labels", "score", "score_kind"]
+    keep = [*KEY, *outcome, *CANDIDATE_COLUMNS.values()]
+    out = topk.drop(columns=[*outcome, "captions", *CANDIDATE_COLUMNS])
     out = out.merge(caps, on=KEY, how="left").merge(scores[keep], on=KEY, how="left")
     out = out.rename(columns={v: k for k, v in CANDIDATE_COLUMNS.items()})
     for column in ["labels", "captions", *CANDIDATE_COLUMNS]:
