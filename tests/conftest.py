@@ -111,3 +111,22 @@ def command_line(pid: int) -> list[str]:
         return []
     # each argument ends with a NUL (a process that rewrote its title may drop the last one)
     return raw.removesuffix(b"\0").decode(errors="replace").split("\0") if raw else []
+
+
+def tiny_config(probe_root: Path) -> dict[str, object]:
+    """A complete, light config: the demo CNN's architecture (random weights) on a folder of
+    images, exemplars only; run `probe`, so its manifest is results/probe/probe/manifest.parquet."""
+    return {
+        "run": "probe",
+        "targets": [
+            {
+                "name": "net",
+                "spec": "python:neuroscribe.demo:tiny_cnn",
+                "transform": {"resize": 64, "crop": 64},
+                "layers": ["conv2"],
+            }
+        ],
+        "probe": {"datasets": [{"name": "pics", "type": "folder", "path": str(probe_root)}]},
+        "methods": ["topk"],
+        "device": "cpu",
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,7 +46,14 @@ SETTINGS = {"batch_size": 16, "workers": 0, "device": "cpu", "dtype": "float32"}
 
 def concepts_table(path: Path, candidates: dict[int, list[str]], layer: str = "fc") -> Path:
     rows = [
-        {"model": "demo", "layer": layer, "neuron": n, "status": "ok", "candidates": c}
+        {
+            "model": "demo",
+            "layer": layer,
+            "neuron": n,
+            "status": "ok",
+            "error": None,
+            "candidates": c,
+        }
         for n, c in candidates.items()
     ]
     pd.DataFrame(rows).to_parquet(path)
@@ -95,6 +103,27 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]
     return root, manifest
 
 
+def _score(
+    tmp_path: Path, root: Path, concepts: Path, exemplars: pd.DataFrame, **kwargs: Any
+) -> Path:
+    """The scores stage over a chunk synthesised into tmp_path/s.parquet; its output file."""
+    exemplars.to_parquet(tmp_path / "e.parquet")
+    out = tmp_path / "scores.parquet"
+    dnd.score_chunk(
+        concepts,
+        tmp_path / "s.parquet",
+        tmp_path / "e.parquet",
+        root / "manifest.parquet",
+        out,
+        TARGET,
+        "fc",
+        SCORING,
+        settings=SETTINGS,
+        **kwargs,
+    )
+    return out
+
+
 def test_scoring_labels_every_neuron_from_one_pass(
     tmp_path: Path, world: tuple[Path, pd.DataFrame]
 ) -> None:
@@ -110,20 +139,7 @@ def test_scoring_labels_every_neuron_from_one_pass(
             for k in range(3)
         ]
     )
-    exemplars.to_parquet(tmp_path / "e.parquet")
-    out = tmp_path / "scores.parquet"
-    dnd.score_chunk(
-        concepts,
-        tmp_path / "s.parquet",
-        tmp_path / "e.parquet",
-        root / "manifest.parquet",
-        out,
-        TARGET,
-        "fc",
-        SCORING,
-        top_k=3,
-        settings=SETTINGS,
-    )
+    out = _score(tmp_path, root, concepts, exemplars, top_k=3)
     scores = pd.read_parquet(out).set_index("neuron")
     first = scores.loc[0]
     assert first["status"] == "ok" and first["label"] == first["labels"][0]
@@ -153,24 +169,10 @@ def test_too_many_failed_neurons_fail_the_scores_job(
     exemplars = pd.DataFrame(
         [{"neuron": n, "rank": 0, "image_id": ids[n], "box": None} for n in (0, 3, 6)]
     )
-    exemplars.to_parquet(tmp_path / "e.parquet")
-    out = tmp_path / "scores.parquet"
     with pytest.raises(TooManyFailed) as failed:
-        dnd.score_chunk(
-            concepts,
-            tmp_path / "s.parquet",
-            tmp_path / "e.parquet",
-            root / "manifest.parquet",
-            out,
-            TARGET,
-            "fc",
-            SCORING,
-            top_k=1,
-            settings=SETTINGS,
-            max_failed_fraction=0.5,
-        )
+        _score(tmp_path, root, concepts, exemplars, top_k=1, max_failed_fraction=0.5)
     message = str(failed.value)
     assert "2 of 3 neurons failed, more than max_failed_fraction (0.5) allows" in message
     assert "neuron 3: no candidate could be drawn ('quantum foam':" in message
     assert "neuron 6: no candidate concepts were proposed" in message
-    assert not out.exists()
+    assert not (tmp_path / "scores.parquet").exists()

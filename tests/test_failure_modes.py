@@ -28,7 +28,14 @@ import yaml
 from fake_openai import FakeOpenAI, Reply, Status, fake_openai
 from PIL import Image
 
-from conftest import REPO, command_line, descendants, snakemake_command, workflow_env
+from conftest import (
+    REPO,
+    command_line,
+    descendants,
+    snakemake_command,
+    tiny_config,
+    workflow_env,
+)
 from neuroscribe.llm import ChatRequest, LLMClient, LLMError, OpenAIBackend
 
 MODEL = "fake-model"
@@ -264,22 +271,8 @@ def _probe_config(tmp_path: Path) -> Path:
     for i in range(6):
         pixels = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(pics / f"{i}.png")
-    cfg = {
-        "run": "probe",
-        "targets": [
-            {
-                "name": "net",
-                "spec": "python:neuroscribe.demo:tiny_cnn",
-                "transform": {"resize": 64, "crop": 64},
-                "layers": ["conv2"],
-            }
-        ],
-        "probe": {"datasets": [{"name": "pics", "type": "folder", "path": str(pics)}]},
-        "methods": ["topk"],
-        "device": "cpu",
-    }
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(tiny_config(pics)))
     return path
 
 

@@ -9,7 +9,6 @@ import resource
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import run_snakemake, workflow_env
+from conftest import run_snakemake, tiny_config, workflow_env
 from neuroscribe import probe
 from neuroscribe.config import ConfigError, DatasetSpec
 from neuroscribe.fanout import build_layout
@@ -708,24 +707,6 @@ def test_fingerprint_ignores_demo_folders_and_names_the_datasets(tmp_path: Path)
 
 
 # -- the plan and the workflow ----------------------------------------------------------------
-
-
-def tiny_config(probe_root: Path) -> dict[str, Any]:
-    """A complete config: the demo CNN with random weights on a folder of images."""
-    return {
-        "run": "probe",
-        "targets": [
-            {
-                "name": "net",
-                "spec": "python:neuroscribe.demo:tiny_cnn",
-                "transform": {"resize": 64, "crop": 64},
-                "layers": ["conv2"],
-            }
-        ],
-        "probe": {"datasets": [{"name": "pics", "type": "folder", "path": str(probe_root)}]},
-        "methods": ["topk"],
-        "device": "cpu",
-    }
 
 
 def test_plan_counts_image_files_apart_from_other_files(tmp_path: Path) -> None:

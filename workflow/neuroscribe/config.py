@@ -291,7 +291,8 @@ def _check_semantics(config: dict[str, Any], check_paths: bool) -> None:
     _check_roles(config, check_paths)
 
 
-def _looks_like_path(ref: str) -> bool:
+def looks_like_path(ref: str) -> bool:
+    """A model given as a local path (not a hub id), even before the path exists."""
     return ref.startswith(("/", "./", "../", "~"))
 
 
@@ -335,7 +336,7 @@ def _check_roles(config: dict[str, Any], check_paths: bool) -> None:
         if (
             check_paths
             and model
-            and _looks_like_path(model)
+            and looks_like_path(model)
             and not Path(model).expanduser().is_dir()
         ):
             raise ConfigError(f"config key '{key}': folder {model!r} does not exist")

@@ -170,7 +170,7 @@ def write_descriptions(
 def failure_summary(table_path: str | Path, logs: str | Path) -> str:
     """One line per labelling method: how many neurons it described and how many failed, and
     where to look (printed at the end of every run that wrote the table)."""
-    table = pd.read_parquet(table_path, columns=["method", "status", "label"])
+    table = pd.read_parquet(table_path, columns=["method", "status"])
     lines = []
     for method, rows in table.groupby("method", sort=True):
         if method == "topk":

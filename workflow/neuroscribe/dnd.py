@@ -279,8 +279,7 @@ def score_chunk(
         lambda keys: _embed_files(models()[1], [(probe[i], b) for i, b in keys]).cpu().numpy()
     )
     candidates = dict(zip(concept_table["neuron"], concept_table["candidates"], strict=True))
-    errors = concept_table["error"] if "error" in concept_table else [None] * len(concept_table)
-    concept_errors = dict(zip(concept_table["neuron"], errors, strict=True))
+    concept_errors = dict(zip(concept_table["neuron"], concept_table["error"], strict=True))
 
     def rows_of(part: list[int]) -> pd.DataFrame:
         images = {

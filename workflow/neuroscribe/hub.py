@@ -92,10 +92,14 @@ def not_cached_message(model_id: str, role: str, cache: str, cause: str) -> str:
     )
 
 
+def torch_home() -> str:
+    """TORCH_HOME as torch.hub uses it: the variable, or the folder above its hub cache."""
+    return os.environ.get("TORCH_HOME") or str(Path(torch_cache_dir()).parent)
+
+
 def _cache_line(torch_hub: bool) -> str:
     if torch_hub:
-        torch_home = os.environ.get("TORCH_HOME") or str(Path(torch_cache_dir()).parent)
-        return f"TORCH_HOME={torch_home}"
+        return f"TORCH_HOME={torch_home()}"
     from huggingface_hub import constants
 
     return f"HF_HOME={constants.HF_HOME}"

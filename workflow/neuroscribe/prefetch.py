@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from neuroscribe.config import TargetSpec
-from neuroscribe.hub import hf_cache_dir, torch_cache_dir
+from neuroscribe.config import TargetSpec, looks_like_path
+from neuroscribe.hub import hf_cache_dir, torch_cache_dir, torch_home
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class PrefetchError(RuntimeError):
 
 
 def _is_local(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+    return looks_like_path(model) or Path(model).expanduser().exists()
 
 
 def _hub_or_local(role: str, model: str, source: str) -> ModelRef:
@@ -224,10 +224,9 @@ def fetch(ref: ModelRef) -> Outcome:
 def cache_summary() -> str:
     from huggingface_hub import constants
 
-    torch_home = os.environ.get("TORCH_HOME") or str(Path(torch_cache_dir()).parent)
     return (
         f"Hugging Face cache: {hf_cache_dir()} (HF_HOME={constants.HF_HOME}); "
-        f"torch cache: {torch_cache_dir()} (TORCH_HOME={torch_home})"
+        f"torch cache: {torch_cache_dir()} (TORCH_HOME={torch_home()})"
     )
 
 

@@ -11,6 +11,7 @@ torch is imported inside the functions: config validation imports this module at
 
 from __future__ import annotations
 
+import math
 import pickletools
 import zipfile
 from collections.abc import Mapping
@@ -78,15 +79,22 @@ def _looks_like(head: bytes) -> str:
     return f"it starts with the bytes {head[:8].hex(' ')}"
 
 
+def _sniff(path: Path) -> tuple[str | None, str | None]:
+    """(format, None) for a weights file, else (None, what is wrong), from its first bytes."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    fmt = sniff_format(head, path.stat().st_size)
+    if fmt is not None:
+        return fmt, None
+    return None, (
+        f"file {str(path)!r} is not a PyTorch or safetensors weights file ({_looks_like(head)})"
+    )
+
+
 def sniff_weights(path: str | Path) -> str | None:
     """None if `path` starts like a PyTorch or safetensors weights file, else what is wrong.
     Reads a few bytes and imports nothing, so every dry run can afford it."""
-    path = Path(path)
-    with path.open("rb") as f:
-        head = f.read(4096)
-    if sniff_format(head, path.stat().st_size) is not None:
-        return None
-    return f"file {str(path)!r} is not a PyTorch or safetensors weights file ({_looks_like(head)})"
+    return _sniff(Path(path))[1]
 
 
 def configured_weights_file(target: TargetSpec) -> str | None:
@@ -229,13 +237,17 @@ def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _format_of(path: Path) -> str:
-    problem = sniff_weights(path)
-    if problem is not None:
-        raise WeightsError(problem)
-    with path.open("rb") as f:
-        fmt = sniff_format(f.read(16), path.stat().st_size)
-    assert fmt is not None
+    fmt, problem = _sniff(path)
+    if fmt is None:
+        raise WeightsError(str(problem))
     return fmt
+
+
+def _damaged_safetensors(path: Path, exc: Exception) -> WeightsError:
+    return WeightsError(
+        f"weights file {str(path)!r} is a damaged or incomplete safetensors file ({exc}); "
+        "copy or save it again"
+    )
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -250,10 +262,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(path, device="cpu")
         except SafetensorError as exc:
-            raise WeightsError(
-                f"weights file {str(path)!r} is a damaged or incomplete safetensors file "
-                f"({exc}); copy or save it again"
-            ) from exc
+            raise _damaged_safetensors(path, exc) from exc
     return _as_state_dict(_torch_load(path, fmt), path)
 
 
@@ -269,10 +278,7 @@ def file_shapes(path: str | Path) -> tuple[str, dict[str, tuple[int, ...]]]:
             with safe_open(str(path), framework="pt") as f:
                 return fmt, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         except SafetensorError as exc:
-            raise WeightsError(
-                f"weights file {str(path)!r} is a damaged or incomplete safetensors file "
-                f"({exc}); copy or save it again"
-            ) from exc
+            raise _damaged_safetensors(path, exc) from exc
     state = _as_state_dict(_torch_load(path, fmt), path)
     return fmt, {k: tuple(v.shape) for k, v in state.items()}
 
@@ -367,15 +373,8 @@ def check_weights(target: TargetSpec, path: str | Path, out: str | Path) -> Weig
         weights=str(path),
         format=fmt,
         tensors=len(found),
-        parameters=sum(_numel(s) for s in found.values()),
+        parameters=sum(math.prod(s) for s in found.values()),
         bytes=path.stat().st_size,
     )
     write_json(asdict(record), out)
     return record
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n

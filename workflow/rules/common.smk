@@ -307,19 +307,21 @@ def resource_limit(name):
     return getattr(limit, "value", limit)
 
 
+# Describe-and-Dissect's chunk stages after the exemplars
+DND_STAGES = ["captions", "concepts", "synthesis", "scores"]
+
+
 def method_outputs():
     """Per-chunk outputs of the enabled methods, so a deleted one is recomputed."""
     if "dnd" not in config["methods"]:
         return []
-    stages = ["captions", "concepts", "synthesis", "scores"]
-    return [f for stage in stages for f in chunk_outputs(stage, "parquet")]
+    return [f for stage in DND_STAGES for f in chunk_outputs(stage, "parquet")]
 
 
 def describe_inputs():
     inputs = {"exemplars": chunk_outputs("exemplars", "parquet")}
     if "dnd" in config["methods"]:
-        for stage in ["captions", "concepts", "synthesis", "scores"]:
-            inputs[stage] = chunk_outputs(stage, "parquet")
+        inputs |= {stage: chunk_outputs(stage, "parquet") for stage in DND_STAGES}
     return inputs
 
 
