@@ -30,7 +30,7 @@ demo: install
 	@echo "Done. The description table: results/demo/descriptions.parquet (and .csv);"
 	@echo "ground-truth check: results/demo/evaluation.parquet; the probe manifest:"
 	@echo "results/demo/probe/manifest.parquet; logs: results/demo/logs/."
-	@sed -n 's/.*neuroscribe.evaluation: /  /p' results/demo/logs/evaluate_demo.log
+	@sed -n 's/.*neuroscribe.demo.evaluation: /  /p' results/demo/logs/evaluate_demo.log
 
 plan: install
 	snakemake --profile profiles/local --configfile config/demo.yaml plan

@@ -52,7 +52,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESETS: dict[str, dict[str, Any]] = {
     # the built-in demo: tiny CNN on 64 px PNG shapes, exactly what `config/demo.yaml` runs
     "tiny": {
-        "model": "python:neuroscribe.demo:tiny_cnn",
+        "model": "python:neuroscribe.demo.cnn:tiny_cnn",
         "layers": "conv2,conv3,fc",
         "resize": 64,
         "crop": 64,
@@ -91,7 +91,7 @@ def _render_chunk(task: tuple[str, int, int, int, int, str, int]) -> tuple[int, 
     import numpy as np
     from PIL import Image
 
-    from neuroscribe.world import images_folder, render_world
+    from neuroscribe.demo.world import images_folder, render_world
 
     folder, n, width, height, seed, fmt, quality = task
     out = Path(folder)
@@ -532,8 +532,9 @@ def child_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     t_start = time.perf_counter()
     import torch
 
-    from neuroscribe.activations import extract_shard, resolve_device
+    from neuroscribe.activations import extract_shard
     from neuroscribe.config import TargetSpec
+    from neuroscribe.device import resolve_device
 
     if config["threads"]:
         torch.set_num_threads(config["threads"])
@@ -710,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from neuroscribe.activations import resolve_device, resolve_dtype
+    from neuroscribe.device import resolve_device, resolve_dtype
     from neuroscribe.models import build_target
 
     if args.threads:

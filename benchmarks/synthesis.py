@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from concepts import synthetic_exemplars
 
-from neuroscribe.captioners import AnnotationCaptioner, CaptionRequest
-from neuroscribe.concepts import FrequencyProposer
+from neuroscribe.backends.captioners import AnnotationCaptioner, CaptionRequest
+from neuroscribe.demo.world import render_world
+from neuroscribe.methods.dnd.concepts import FrequencyProposer
 from neuroscribe.probe import image_id
-from neuroscribe.world import render_world
 
 REFERENCE_PER_NEURON = 50
 

@@ -56,13 +56,13 @@ from tiny_blip import build_tiny_blip  # noqa: E402
 from tiny_diffusion import build_tiny_clip, build_tiny_sd  # noqa: E402
 
 from conftest import snakemake_command  # noqa: E402
-from neuroscribe import roles  # noqa: E402
-from neuroscribe.captioners import CaptionRequest  # noqa: E402
+from neuroscribe import backends as roles  # noqa: E402
+from neuroscribe.backends.captioners import CaptionRequest  # noqa: E402
+from neuroscribe.backends.synthesizers import PROMPT_TEMPLATE, image_seed  # noqa: E402
 from neuroscribe.config import TargetSpec, validate_config  # noqa: E402
-from neuroscribe.dnd import score_chunk  # noqa: E402
 from neuroscribe.exemplars import chunk_exemplars  # noqa: E402
 from neuroscribe.imagestore import ImageRequest  # noqa: E402
-from neuroscribe.synthesizers import PROMPT_TEMPLATE, image_seed  # noqa: E402
+from neuroscribe.methods.dnd.stages import score_chunk  # noqa: E402
 
 # a target with one wide layer: N channels to describe
 FACTORY = """

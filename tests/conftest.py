@@ -121,7 +121,7 @@ def tiny_config(probe_root: Path) -> dict[str, object]:
         "targets": [
             {
                 "name": "net",
-                "spec": "python:neuroscribe.demo:tiny_cnn",
+                "spec": "python:neuroscribe.demo.cnn:tiny_cnn",
                 "transform": {"resize": 64, "crop": 64},
                 "layers": ["conv2"],
             }

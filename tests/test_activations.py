@@ -15,10 +15,10 @@ from torchvision import transforms
 from conftest import REPO
 from neuroscribe.activations import extract_shard
 from neuroscribe.config import DatasetSpec, LayerSpec, TargetSpec, Transform
+from neuroscribe.demo.world import images_folder, render_world
 from neuroscribe.merge import merge_layer
 from neuroscribe.models import build_target
 from neuroscribe.probe import build_manifest
-from neuroscribe.world import images_folder, render_world
 
 FACTORIES = REPO / "tests" / "factories.py"
 
@@ -132,7 +132,7 @@ VIT_LAYERS = (
 @pytest.mark.parametrize(
     ("target", "widths"),
     [
-        (_target("python:neuroscribe.demo:tiny_cnn", 48, 40, *CNN_LAYERS), [16, 64, 7]),
+        (_target("python:neuroscribe.demo.cnn:tiny_cnn", 48, 40, *CNN_LAYERS), [16, 64, 7]),
         (_target(f"python:{FACTORIES}:small_vit", 36, 32, *VIT_LAYERS), [32, 32, 5]),
     ],
     ids=["cnn", "vit"],
@@ -182,7 +182,7 @@ def test_hf_target_from_a_local_folder(probe: Path, tmp_path: Path) -> None:
 def test_shards_merge_to_the_single_shard_result_with_correct_topk(
     probe: Path, tmp_path: Path
 ) -> None:
-    target = _target("python:neuroscribe.demo:tiny_cnn", 48, 40, *CNN_LAYERS)
+    target = _target("python:neuroscribe.demo.cnn:tiny_cnn", 48, 40, *CNN_LAYERS)
     one = _extract(target, list(CNN_LAYERS), probe, tmp_path / "one", n_shards=1)
     three = _extract(target, list(CNN_LAYERS), probe, tmp_path / "three", n_shards=3)
     manifest = pd.read_parquet(probe / "manifest.parquet")
@@ -209,7 +209,7 @@ def test_shards_merge_to_the_single_shard_result_with_correct_topk(
 
 
 def test_topk_larger_than_the_probe_keeps_every_image(probe: Path, tmp_path: Path) -> None:
-    target = _target("python:neuroscribe.demo:tiny_cnn", 48, 40, CNN_LAYERS[2])
+    target = _target("python:neuroscribe.demo.cnn:tiny_cnn", 48, 40, CNN_LAYERS[2])
     shards = _extract(target, [CNN_LAYERS[2]], probe, tmp_path, n_shards=4)
     merge_layer(shards, target, CNN_LAYERS[2], tmp_path / "fc.h5", top_k=100)
     with h5py.File(tmp_path / "fc.h5") as h5:
@@ -220,7 +220,7 @@ def test_topk_larger_than_the_probe_keeps_every_image(probe: Path, tmp_path: Pat
 def test_more_shards_than_images_leaves_empty_shards_that_merge_cleanly(
     tmp_path: Path, probe: Path
 ) -> None:
-    target = _target("python:neuroscribe.demo:tiny_cnn", 48, 40, CNN_LAYERS[2])
+    target = _target("python:neuroscribe.demo.cnn:tiny_cnn", 48, 40, CNN_LAYERS[2])
     shards = _extract(target, [CNN_LAYERS[2]], probe, tmp_path, n_shards=31)
     merge_layer(shards, target, CNN_LAYERS[2], tmp_path / "fc.h5", top_k=3)
     with h5py.File(tmp_path / "fc.h5") as h5:
@@ -234,8 +234,8 @@ def test_a_layer_stores_only_the_neurons_it_describes(probe: Path, tmp_path: Pat
 
     every = LayerSpec("conv3", "all", "max", "cls")
     some = LayerSpec("conv3", "5-7,60", "max", "cls")
-    full = _target("python:neuroscribe.demo:tiny_cnn", 48, 40, every)
-    part = _target("python:neuroscribe.demo:tiny_cnn", 48, 40, some)
+    full = _target("python:neuroscribe.demo.cnn:tiny_cnn", 48, 40, every)
+    part = _target("python:neuroscribe.demo.cnn:tiny_cnn", 48, 40, some)
     merge_layer(
         _extract(full, [every], probe, tmp_path / "a", 2), full, every, tmp_path / "a.h5", 3
     )

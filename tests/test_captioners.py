@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 from tiny_blip import build_tiny_blip, build_tiny_blip2
 
-from neuroscribe.cache import DiskCache
-from neuroscribe.captioners import (
+from neuroscribe.backends.captioners import (
     AnnotationCaptioner,
     BlipCaptioner,
     CachedCaptioner,
     CaptionRequest,
     crop_image,
 )
+from neuroscribe.cache import DiskCache
 
 MAX_NEW_TOKENS = 8
 
@@ -309,7 +309,7 @@ def test_caption_stage_captions_each_distinct_exemplar_once_across_chunks(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from neuroscribe import dnd
+    from neuroscribe.methods.dnd import stages as dnd
 
     manifest = tmp_path / "manifest.parquet"
     pd.DataFrame(

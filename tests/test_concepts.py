@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 from fake_openai import FakeOpenAI, Reply, Status, fake_openai, labeller
 
-from neuroscribe import dnd
+from neuroscribe.backends.llm import LLMClient, LLMError, OpenAIBackend
 from neuroscribe.cache import DiskCache
-from neuroscribe.concepts import (
+from neuroscribe.failures import TooManyFailed
+from neuroscribe.methods.dnd import stages as dnd
+from neuroscribe.methods.dnd.concepts import (
     BatchedProposer,
     ConceptSettings,
     FrequencyProposer,
@@ -24,8 +26,6 @@ from neuroscribe.concepts import (
     normalise,
     unique,
 )
-from neuroscribe.failures import TooManyFailed
-from neuroscribe.llm import LLMClient, LLMError, OpenAIBackend
 
 MODEL = "fake-model"
 NEURONS = [
@@ -156,7 +156,7 @@ def test_frequency_backend() -> None:
 def test_local_backend_with_a_tiny_chat_model(tmp_path: Path) -> None:
     from tiny_chat import build_tiny_chat
 
-    from neuroscribe.llm import LocalBackend
+    from neuroscribe.backends.llm import LocalBackend
 
     folder = str(build_tiny_chat(tmp_path / "chat"))
     client = LLMClient(LocalBackend(folder), None)

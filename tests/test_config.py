@@ -331,7 +331,7 @@ def test_wrong_layer_lists_valid_names_closest_first(tmp_path: Path) -> None:
         check_layers(target, inspect_target(target, tmp_path))
     message = str(err.value)
     assert message.startswith(
-        "target 'shapenet' (python:neuroscribe.demo:tiny_cnn) has no layer 'conv4'. "
+        "target 'shapenet' (python:neuroscribe.demo.cnn:tiny_cnn) has no layer 'conv4'. "
         "Valid layer names, closest first: conv1, conv2, conv3"
     )
     assert "fc" in message and "conv1.0" in message

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from tiny_diffusion import build_tiny_clip, build_tiny_sd
 
+from neuroscribe.backends.similarity import ClipSimilarity
+from neuroscribe.backends.synthesizers import PROMPT_TEMPLATE, DiffusersSynthesizer
 from neuroscribe.imagestore import ImageRequest, ImageStore
-from neuroscribe.similarity import ClipSimilarity
-from neuroscribe.synthesizers import PROMPT_TEMPLATE, DiffusersSynthesizer
 
 SIZE = 32
 STEPS = 2

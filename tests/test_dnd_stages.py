@@ -10,16 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neuroscribe import dnd
 from neuroscribe.config import LayerSpec, TargetSpec, Transform
+from neuroscribe.demo.world import render_world
 from neuroscribe.failures import TooManyFailed
+from neuroscribe.methods.dnd import stages as dnd
 from neuroscribe.probe import image_id
-from neuroscribe.world import render_world
 
 TRANSFORM = Transform(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 TARGET = TargetSpec(
     name="demo",
-    spec="python:neuroscribe.demo:tiny_cnn",
+    spec="python:neuroscribe.demo.cnn:tiny_cnn",
     weights=None,  # the seeded random initial weights: enough to check the plumbing
     transform=TRANSFORM,
     layers=(LayerSpec("conv3", "all", "avg", "cls"), LayerSpec("fc", "all", "avg", "cls")),

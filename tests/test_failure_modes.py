@@ -36,7 +36,7 @@ from conftest import (
     tiny_config,
     workflow_env,
 )
-from neuroscribe.llm import ChatRequest, LLMClient, LLMError, OpenAIBackend
+from neuroscribe.backends.llm import ChatRequest, LLMClient, LLMError, OpenAIBackend
 
 MODEL = "fake-model"
 
@@ -475,7 +475,7 @@ def test_a_model_that_cannot_be_built_is_named(tmp_path: Path, spec: str, messag
 def test_device_cuda_on_a_node_without_cuda_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from neuroscribe.activations import resolve_device
+    from neuroscribe.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"config device is 'cuda' but this node has no CUDA"):

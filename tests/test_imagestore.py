@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from neuroscribe.backends.synthesizers import PROMPT_TEMPLATE, ProceduralSynthesizer
 from neuroscribe.imagestore import ImageRequest, ImageStore
-from neuroscribe.synthesizers import PROMPT_TEMPLATE, ProceduralSynthesizer
 
 CONCEPTS = ["red circle", "blue square", "green star", "striped triangle", "dotted cross"]
 

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 from fake_openai import Drop, FakeOpenAI, Garbage, Reply, Status, fake_openai
 
-from neuroscribe.cache import DiskCache
-from neuroscribe.llm import (
+from neuroscribe.backends.llm import (
     ChatRequest,
     LLMClient,
     LLMError,
@@ -22,6 +21,7 @@ from neuroscribe.llm import (
     parse_json_reply,
     retry_after_s,
 )
+from neuroscribe.cache import DiskCache
 
 MODEL = "fake-model"
 
@@ -286,7 +286,7 @@ def test_request_validation() -> None:
 def test_local_backend_tiny_chat(tmp_path: Path) -> None:
     from tiny_chat import build_tiny_chat
 
-    from neuroscribe.llm import LocalBackend
+    from neuroscribe.backends.llm import LocalBackend
 
     folder = str(build_tiny_chat(tmp_path / "chat"))
     backend = LocalBackend(folder)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from neuroscribe.captioners import AnnotationCaptioner, CaptionRequest, MissingAnnotation
-from neuroscribe.llm import FrequencySummariser
+from neuroscribe.backends.captioners import AnnotationCaptioner, CaptionRequest, MissingAnnotation
+from neuroscribe.backends.llm import FrequencySummariser
+from neuroscribe.demo.world import BACKGROUND_WORDS, WorldObject, render_world
 from neuroscribe.probe import image_id
-from neuroscribe.world import BACKGROUND_WORDS, WorldObject, render_world
 
 
 @pytest.fixture(scope="module")

@@ -99,25 +99,25 @@ def test_prefetch_lists_every_model_the_config_uses_and_only_those(tmp_path: Pat
 
 
 def _captioner() -> Any:
-    from neuroscribe.captioners import BlipCaptioner
+    from neuroscribe.backends.captioners import BlipCaptioner
 
     return BlipCaptioner(MISSING, device="cpu")
 
 
 def _similarity() -> Any:
-    from neuroscribe.similarity import ClipSimilarity
+    from neuroscribe.backends.similarity import ClipSimilarity
 
     return ClipSimilarity(MISSING, device="cpu")
 
 
 def _synthesizer() -> Any:
-    from neuroscribe.synthesizers import DiffusersSynthesizer
+    from neuroscribe.backends.synthesizers import DiffusersSynthesizer
 
     return DiffusersSynthesizer(MISSING, device="cpu")
 
 
 def _llm() -> Any:
-    from neuroscribe.llm import LocalBackend
+    from neuroscribe.backends.llm import LocalBackend
 
     return LocalBackend(MISSING)
 
@@ -177,7 +177,7 @@ def test_torchvision_weights_that_cannot_be_downloaded_name_prefetch(
 
 
 def test_other_errors_pass_through(tmp_path: Path, empty_hf_home: Path) -> None:
-    from neuroscribe.similarity import ClipSimilarity
+    from neuroscribe.backends.similarity import ClipSimilarity
 
     # a local folder without a model: nothing to download, so the loader's own error stands
     with pytest.raises(OSError) as err:
@@ -239,8 +239,8 @@ def _prefetch(refs: list[ModelRef], env: dict[str, str]) -> subprocess.Completed
 def test_prefetch_downloads_from_the_hub_then_jobs_load_offline(
     hub: FakeHub, tmp_path: Path, empty_hf_home: Path
 ) -> None:
-    from neuroscribe.similarity import ClipSimilarity
-    from neuroscribe.synthesizers import DiffusersSynthesizer
+    from neuroscribe.backends.similarity import ClipSimilarity
+    from neuroscribe.backends.synthesizers import DiffusersSynthesizer
 
     hub.requests.clear()
     refs = [

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neuroscribe.scoring import best_score, image_ranks, ranked, score_candidates, topk_sq_mean
+from neuroscribe.methods.dnd.scoring import (
+    best_score,
+    image_ranks,
+    ranked,
+    score_candidates,
+    topk_sq_mean,
+)
 
 CONCEPTS = ["a", "b", "c"]
 OWNER = np.array([0, 0, 1, 1, 2, 2])

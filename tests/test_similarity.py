@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from neuroscribe.backends.similarity import TargetFeatureSimilarity
+from neuroscribe.backends.synthesizers import ProceduralSynthesizer
 from neuroscribe.config import TargetSpec, Transform
 from neuroscribe.inspection import LayerError
 from neuroscribe.models import LoadedTarget, build_target
-from neuroscribe.similarity import TargetFeatureSimilarity
-from neuroscribe.synthesizers import ProceduralSynthesizer
 
 TRANSFORM = Transform(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -23,7 +23,7 @@ def target() -> LoadedTarget:
     # the demo CNN with its seeded random initial weights: no training needed for these checks
     spec = TargetSpec(
         name="demo",
-        spec="python:neuroscribe.demo:tiny_cnn",
+        spec="python:neuroscribe.demo.cnn:tiny_cnn",
         weights=None,
         transform=TRANSFORM,
         layers=(),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neuroscribe.synthesizers import (
+from neuroscribe.backends.synthesizers import (
     PROMPT_TEMPLATE,
     ProceduralSynthesizer,
     Synthesis,
@@ -14,7 +14,7 @@ from neuroscribe.synthesizers import (
     image_seed,
     parse_concept,
 )
-from neuroscribe.world import COLOURS, SHAPES, SIZES, render_scene, shape_mask, tint
+from neuroscribe.demo.world import COLOURS, SHAPES, SIZES, render_scene, shape_mask, tint
 
 SIZE = 64
 

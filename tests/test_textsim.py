@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from neuroscribe.evaluation import truth_phrase
-from neuroscribe.textsim import SentenceSimilarity
+from neuroscribe.backends.textsim import SentenceSimilarity
+from neuroscribe.demo.evaluation import truth_phrase
 
 
 @pytest.fixture(scope="module")

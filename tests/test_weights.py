@@ -20,7 +20,7 @@ from torchvision.models import VisionTransformer
 
 from conftest import REPO, run_snakemake, workflow_env
 from neuroscribe.config import ConfigError, TargetSpec, targets_from_config, validate_config
-from neuroscribe.demo import TinyCNN, tiny_cnn
+from neuroscribe.demo.cnn import TinyCNN, tiny_cnn
 from neuroscribe.models import build_target
 from neuroscribe.weights import (
     WeightsError,
@@ -31,7 +31,7 @@ from neuroscribe.weights import (
 )
 
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-CNN = "python:neuroscribe.demo:tiny_cnn"
+CNN = "python:neuroscribe.demo.cnn:tiny_cnn"
 
 
 def _config(weights: str | None, spec: str = CNN, **top: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_snakemake, workflow_env
-from neuroscribe.world import SHAPES
+from neuroscribe.demo.world import SHAPES
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,7 @@ def test_full_run_writes_the_table(finished: tuple[Path, Path]) -> None:
     assert (dnd["status"] == "ok").all() and dnd["error"].isna().all()
     # the models that ran, as their stages recorded them, and nothing that did not run
     assert json.loads(dnd["models"].iloc[0]) == {
-        "target": "python:neuroscribe.demo:tiny_cnn@results/demo/models/shapenet.pt",
+        "target": "python:neuroscribe.demo.cnn:tiny_cnn@results/demo/models/shapenet.pt",
         "captioner": "annotations",
         "llm": "none:frequency-5",
         "synthesizer": "procedural:world-v1@64px",
@@ -112,7 +112,7 @@ def test_full_run_writes_the_table(finished: tuple[Path, Path]) -> None:
             row["exemplar_activations"], reverse=True
         )
         assert json.loads(row["models"])["target"] == (
-            "python:neuroscribe.demo:tiny_cnn@results/demo/models/shapenet.pt"
+            "python:neuroscribe.demo.cnn:tiny_cnn@results/demo/models/shapenet.pt"
         )
     csv = pd.read_csv(results / "descriptions.csv")
     assert len(csv) == len(table) and json.loads(csv["exemplar_ids"][0]) == list(
@@ -121,7 +121,8 @@ def test_full_run_writes_the_table(finished: tuple[Path, Path]) -> None:
     with h5py.File(results / "activations" / "shapenet" / "conv2.h5") as h5:
         assert h5["activations"].shape == (60, 32) and h5["activations"].dtype == "float16"
         assert (
-            h5.attrs["spec"] == "python:neuroscribe.demo:tiny_cnn" and h5.attrs["pooling"] == "avg"
+            h5.attrs["spec"] == "python:neuroscribe.demo.cnn:tiny_cnn"
+            and h5.attrs["pooling"] == "avg"
         )
     log = (results / "logs" / "activations" / "shapenet" / "shard-0000.log").read_text()
     assert "100%" in log and "img" in log  # the tqdm bar
@@ -292,7 +293,7 @@ def test_wrong_layer_fails_the_dry_run_listing_valid_names(
     proc = run_snakemake(tmp_path, config, "-n", env=job_env, check=False)
     assert proc.returncode != 0
     assert (
-        "target 'shapenet' (python:neuroscribe.demo:tiny_cnn) has no layer 'conv_3'. "
+        "target 'shapenet' (python:neuroscribe.demo.cnn:tiny_cnn) has no layer 'conv_3'. "
         "Valid layer names, closest first: conv3, conv1.3, conv2.3, conv3.0"
     ) in proc.stdout + proc.stderr
     assert not (tmp_path / "results" / "demo" / "probe").exists()

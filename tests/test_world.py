@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from neuroscribe.config import TargetSpec, Transform
-from neuroscribe.demo import train_target
-from neuroscribe.world import (
+from neuroscribe.demo.cnn import train_target
+from neuroscribe.demo.world import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,
@@ -104,7 +104,7 @@ def test_unknown_shape_or_texture_is_an_error() -> None:
 def test_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
     target = TargetSpec(
         name="t",
-        spec="python:neuroscribe.demo:tiny_cnn",
+        spec="python:neuroscribe.demo.cnn:tiny_cnn",
         weights=None,
         transform=Transform(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
         layers=(),

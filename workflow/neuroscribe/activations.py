@@ -18,6 +18,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from neuroscribe.config import LayerSpec, TargetSpec, Transform
+from neuroscribe.device import resolve_device, resolve_dtype
 from neuroscribe.fanout import select_neurons
 from neuroscribe.io import atomic_path
 from neuroscribe.merge import ID_DTYPE, layer_attrs
@@ -81,20 +82,6 @@ class ProbeImages(Dataset):
         if self.boxes is not None and self.boxes[i] is not None:
             image = image.crop(self.boxes[i])
         return self.transform(image), i
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config device is 'cuda' but this node has no CUDA device")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

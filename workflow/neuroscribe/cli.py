@@ -22,13 +22,13 @@ from neuroscribe.redaction import RedactingFilter, redact, secret_values
 
 
 def _render_demo(a: dict[str, Any]) -> None:
-    from neuroscribe import world
+    from neuroscribe.demo import world
 
     world.render_world(a["out_dir"], a["n_images"], a["image_size"], a["seed"])
 
 
 def _train(a: dict[str, Any]) -> None:
-    from neuroscribe import demo
+    from neuroscribe.demo import cnn as demo
 
     demo.train_target(
         TargetSpec.from_dict(a["target"]), a["out"], a["metrics"], **a["target"]["train"]
@@ -89,7 +89,7 @@ def _exemplars(a: dict[str, Any]) -> None:
 
 
 def _captions(a: dict[str, Any]) -> None:
-    from neuroscribe import dnd
+    from neuroscribe.methods.dnd import stages as dnd
 
     dnd.caption_chunk(
         exemplars=a["exemplars"],
@@ -104,7 +104,7 @@ def _captions(a: dict[str, Any]) -> None:
 
 
 def _concepts(a: dict[str, Any]) -> None:
-    from neuroscribe import dnd
+    from neuroscribe.methods.dnd import stages as dnd
 
     dnd.concept_chunk(
         captions=a["captions"],
@@ -118,7 +118,7 @@ def _concepts(a: dict[str, Any]) -> None:
 
 
 def _synthesis(a: dict[str, Any]) -> None:
-    from neuroscribe import dnd
+    from neuroscribe.methods.dnd import stages as dnd
 
     dnd.synthesize_chunk(
         concepts=a["concepts"],
@@ -131,7 +131,7 @@ def _synthesis(a: dict[str, Any]) -> None:
 
 
 def _scores(a: dict[str, Any]) -> None:
-    from neuroscribe import dnd
+    from neuroscribe.methods.dnd import stages as dnd
 
     dnd.score_chunk(
         concepts=a["concepts"],
@@ -150,7 +150,7 @@ def _scores(a: dict[str, Any]) -> None:
 
 
 def _evaluate(a: dict[str, Any]) -> None:
-    from neuroscribe import evaluation
+    from neuroscribe.demo import evaluation
 
     evaluation.write_evaluation(
         a["descriptions"], a["manifest"], a["worlds"], a["targets"], a["out"]

@@ -171,7 +171,8 @@ def chunk_exemplars(
 
     @functools.cache
     def model() -> tuple[Any, Any]:  # loaded once, and only if some part is left to compute
-        from neuroscribe.activations import load_on, resolve_device, resolve_dtype
+        from neuroscribe.activations import load_on
+        from neuroscribe.device import resolve_device, resolve_dtype
 
         dev = resolve_device(device)
         return load_on(target, dev), resolve_dtype(dtype, dev)

@@ -18,8 +18,8 @@ import pandas as pd
 from PIL import Image
 
 from neuroscribe.config import ConfigError, DatasetSpec
+from neuroscribe.demo.world import images_folder
 from neuroscribe.tables import write_table
-from neuroscribe.world import images_folder
 
 log = logging.getLogger(__name__)
 LOGGED_REJECTS = 10

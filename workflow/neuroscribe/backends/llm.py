@@ -312,7 +312,7 @@ class LocalBackend:
     def __init__(self, model: str, device: str = "cpu", dtype: str = "auto") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from neuroscribe.activations import resolve_device, resolve_dtype
+        from neuroscribe.device import resolve_device, resolve_dtype
         from neuroscribe.hub import fetching
 
         self.model = model

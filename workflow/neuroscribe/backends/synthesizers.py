@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from neuroscribe.imagestore import ImageRequest
-from neuroscribe.world import (
+from neuroscribe.demo.world import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,
@@ -28,6 +27,7 @@ from neuroscribe.world import (
     WorldObject,
     render_scene,
 )
+from neuroscribe.imagestore import ImageRequest
 
 # the prompt of the Describe-and-Dissect paper; a text-to-image backend sends it as is
 PROMPT_TEMPLATE = "One realistic image of {concept}"
@@ -283,7 +283,7 @@ class DiffusersSynthesizer:
     ) -> None:
         import diffusers
 
-        from neuroscribe.activations import resolve_device, resolve_dtype
+        from neuroscribe.device import resolve_device, resolve_dtype
         from neuroscribe.hub import fetching
 
         self.model = model

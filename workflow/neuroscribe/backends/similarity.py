@@ -134,7 +134,7 @@ class ClipSimilarity:
     ) -> None:
         from transformers import AutoImageProcessor, CLIPModel
 
-        from neuroscribe.activations import resolve_device, resolve_dtype
+        from neuroscribe.device import resolve_device, resolve_dtype
         from neuroscribe.hub import fetching
 
         self.model_name = model

@@ -10,16 +10,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from neuroscribe.backends.captioners import AnnotationCaptioner, BlipCaptioner, Captioner
+from neuroscribe.backends.llm import LLMClient, LocalBackend, OpenAIBackend
 from neuroscribe.cache import DiskCache
-from neuroscribe.captioners import AnnotationCaptioner, BlipCaptioner, Captioner
-from neuroscribe.concepts import (
+from neuroscribe.methods.dnd.concepts import (
     BatchedProposer,
     ConceptSettings,
     FrequencyProposer,
     Proposer,
     ReferenceProposer,
 )
-from neuroscribe.llm import LLMClient, LocalBackend, OpenAIBackend
 
 
 def captioner(
@@ -75,7 +75,7 @@ def proposer(cfg: dict[str, Any], cache: DiskCache | None, device: str, dtype: s
 
 def synthesizer(cfg: dict[str, Any], device: str, dtype: str) -> Any:
     """The configured synthesizer (`draw`, `check`, `id`)."""
-    from neuroscribe.synthesizers import DiffusersSynthesizer, ProceduralSynthesizer
+    from neuroscribe.backends.synthesizers import DiffusersSynthesizer, ProceduralSynthesizer
 
     if cfg["backend"] == "procedural":
         return ProceduralSynthesizer(size=cfg["size"])
@@ -90,9 +90,9 @@ def synthesizer(cfg: dict[str, Any], device: str, dtype: str) -> Any:
     )
 
 
-def similarity(cfg: dict[str, Any], loaded: Any, transform: Any, settings: dict[str, Any]) -> Any:
+def image_similarity(cfg: dict[str, Any], loaded: Any, transform: Any, settings: dict[str, Any]) -> Any:
     """The configured image-image similarity (`embed`, `id`)."""
-    from neuroscribe.similarity import ClipSimilarity, TargetFeatureSimilarity
+    from neuroscribe.backends.similarity import ClipSimilarity, TargetFeatureSimilarity
 
     if cfg["backend"] == "target-features":
         device = str(next(loaded.module.parameters()).device)

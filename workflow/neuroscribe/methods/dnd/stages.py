@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from neuroscribe import roles
+from neuroscribe import backends as roles
+from neuroscribe.backends.captioners import CachedCaptioner, CaptionRequest
 from neuroscribe.cache import DiskCache
-from neuroscribe.captioners import CachedCaptioner, CaptionRequest
 from neuroscribe.failures import Failure, check_failures
 from neuroscribe.progress import ProgressRecord, Resumed, rows_in_parts, write_from_record
 from neuroscribe.redaction import redact, secret_values
@@ -135,8 +135,8 @@ def synthesize_chunk(
     dtype: str = "auto",
 ) -> None:
     """Q images of every distinct candidate concept of a chunk, drawn once into the run's store."""
+    from neuroscribe.backends.synthesizers import PROMPT_TEMPLATE, UnrenderableConcept, image_seed
     from neuroscribe.imagestore import ImageRequest, ImageStore
-    from neuroscribe.synthesizers import PROMPT_TEMPLATE, UnrenderableConcept, image_seed
 
     table = pd.read_parquet(concepts)
     distinct = list(dict.fromkeys(c for cands in table["candidates"] for c in cands))
@@ -181,7 +181,7 @@ def _embed_files(sim: Any, items: Sequence[tuple[str, Any]], batch: int = 256) -
     """Similarity embeddings of (path, box or None) items, reading a batch of files at a time."""
     import torch
 
-    from neuroscribe.captioners import crop_image
+    from neuroscribe.backends.captioners import crop_image
     from neuroscribe.probe import load_rgb
 
     parts = []
@@ -195,7 +195,8 @@ def _synthetic_activations(
     paths: list[str], target: Any, layer: Any, loaded: Any, settings: dict[str, Any]
 ) -> Any:
     """Pooled activations [images, channels] of the layer on the synthesised images."""
-    from neuroscribe.activations import ProbeImages, forward_batches, resolve_dtype
+    from neuroscribe.activations import ProbeImages, forward_batches
+    from neuroscribe.device import resolve_dtype
     from neuroscribe.models import LayerRecorder
 
     dev = next(loaded.module.parameters()).device
@@ -256,8 +257,9 @@ def score_chunk(
     similarity to its exemplars; the best 3 become its labels. Neurons are scored `save_every`
     at a time (each image through the models once per job) and kept in a progress record.
     A neuron without images says why; too many of them fail the job."""
-    from neuroscribe.activations import load_on, resolve_device
-    from neuroscribe.scoring import SCORE_KINDS, best_score, ranked, score_candidates
+    from neuroscribe.activations import load_on
+    from neuroscribe.device import resolve_device
+    from neuroscribe.methods.dnd.scoring import SCORE_KINDS, best_score, ranked, score_candidates
 
     concept_table = pd.read_parquet(concepts)
     synth = pd.read_parquet(synthesis).set_index("concept")
@@ -268,7 +270,7 @@ def score_chunk(
     @functools.cache
     def models() -> tuple[Any, Any]:  # loaded once, and only if some part is left to score
         loaded = load_on(target, resolve_device(settings["device"]))
-        return loaded, roles.similarity(scoring["similarity"], loaded, target.transform, settings)
+        return loaded, roles.image_similarity(scoring["similarity"], loaded, target.transform, settings)
 
     acts = _Memo(lambda paths: _synthetic_activations(paths, target, spec, models()[0], settings))
     synth_emb = _Memo(

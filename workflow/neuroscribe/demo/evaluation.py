@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from neuroscribe.llm import words
+from neuroscribe.backends.llm import words
+from neuroscribe.demo.world import SHAPES, TEXTURE_WORDS
 from neuroscribe.merge import stored_neurons
 from neuroscribe.probe import image_id
 from neuroscribe.tables import write_table
-from neuroscribe.world import SHAPES, TEXTURE_WORDS
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _text_similarity(result: pd.DataFrame) -> list[float | None]:
     labelled = result["label"].notna().to_numpy()
     out: list[float | None] = [None] * len(result)
     if labelled.any():
-        from neuroscribe.textsim import SentenceSimilarity
+        from neuroscribe.backends.textsim import SentenceSimilarity
 
         labels = list(result.loc[labelled, "label"])
         truths = [truth_phrase(t) for t in result.loc[labelled, "truth"]]

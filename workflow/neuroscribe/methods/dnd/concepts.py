@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from neuroscribe.llm import (
+from neuroscribe.backends.llm import (
     ChatReply,
     ChatRequest,
     FrequencySummariser,

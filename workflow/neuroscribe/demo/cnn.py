@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from neuroscribe.config import TargetSpec
+from neuroscribe.demo.world import SHAPES, render_scene, scenes
 from neuroscribe.io import atomic_path
 from neuroscribe.models import build_target
-from neuroscribe.world import SHAPES, render_scene, scenes
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import pandas as pd
 from PIL import Image
 
 from neuroscribe.cache import DiskCache, cache_key
+from neuroscribe.demo.world import BACKGROUND_WORDS, TEXTURE_WORDS
 from neuroscribe.hub import fetching
 from neuroscribe.probe import image_id, load_rgb
-from neuroscribe.world import BACKGROUND_WORDS, TEXTURE_WORDS
 
 # an object counts as inside a crop when at least this share of its box lies in the crop
 INSIDE_SHARE = 0.5
@@ -145,7 +145,7 @@ class BlipCaptioner:
             BlipProcessor,
         )
 
-        from neuroscribe.activations import resolve_device, resolve_dtype
+        from neuroscribe.device import resolve_device, resolve_dtype
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
