@@ -31,9 +31,10 @@ sys.path.insert(0, str(REPO / "tests"))  # the fake OpenAI-compatible server
 
 from fake_openai import fake_openai, labeller  # noqa: E402
 
-from neuroscribe.backends.captioners import AnnotationCaptioner, CachedCaptioner, CaptionRequest  # noqa: E402
+from neuroscribe.backends.captioners import CachedCaptioner, CaptionRequest  # noqa: E402
 from neuroscribe.backends.llm import LLMClient, OpenAIBackend  # noqa: E402
 from neuroscribe.cache import DiskCache  # noqa: E402
+from neuroscribe.demo.annotations import AnnotationCaptioner  # noqa: E402
 from neuroscribe.demo.world import render_world  # noqa: E402
 from neuroscribe.methods.dnd.concepts import BatchedProposer, ConceptSettings, ReferenceProposer  # noqa: E402
 from neuroscribe.probe import image_id  # noqa: E402

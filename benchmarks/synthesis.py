@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from concepts import synthetic_exemplars
 
-from neuroscribe.backends.captioners import AnnotationCaptioner, CaptionRequest
+from neuroscribe.backends.captioners import CaptionRequest
+from neuroscribe.demo.annotations import AnnotationCaptioner
 from neuroscribe.demo.world import render_world
 from neuroscribe.methods.dnd.concepts import FrequencyProposer
 from neuroscribe.probe import image_id

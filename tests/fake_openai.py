@@ -254,7 +254,7 @@ def labeller(body: dict[str, Any]) -> Behaviour:
     padded to N); reference prompts get a plain label (simplify: the caption's first words;
     summary: the most shared phrase).
     """
-    from neuroscribe.backends.llm import FrequencySummariser
+    from neuroscribe.words import FrequencySummariser
 
     summariser = FrequencySummariser()
     prompt = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]

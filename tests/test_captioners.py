@@ -15,13 +15,13 @@ from PIL import Image
 from tiny_blip import build_tiny_blip, build_tiny_blip2
 
 from neuroscribe.backends.captioners import (
-    AnnotationCaptioner,
     BlipCaptioner,
     CachedCaptioner,
     CaptionRequest,
     crop_image,
 )
 from neuroscribe.cache import DiskCache
+from neuroscribe.demo.annotations import AnnotationCaptioner
 
 MAX_NEW_TOKENS = 8
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from neuroscribe.backends.synthesizers import PROMPT_TEMPLATE, ProceduralSynthesizer
+from neuroscribe.backends.synthesizers import PROMPT_TEMPLATE
+from neuroscribe.demo.renderer import ProceduralSynthesizer
 from neuroscribe.imagestore import ImageRequest, ImageStore
 
 CONCEPTS = ["red circle", "blue square", "green star", "striped triangle", "dotted cross"]

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from neuroscribe.backends.captioners import AnnotationCaptioner, CaptionRequest, MissingAnnotation
-from neuroscribe.backends.llm import FrequencySummariser
+from neuroscribe.backends.captioners import CaptionRequest
+from neuroscribe.demo.annotations import AnnotationCaptioner, MissingAnnotation
 from neuroscribe.demo.world import BACKGROUND_WORDS, WorldObject, render_world
 from neuroscribe.probe import image_id
+from neuroscribe.words import FrequencySummariser
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from PIL import Image
 from torch import nn
 
 from neuroscribe.backends.similarity import TargetFeatureSimilarity
-from neuroscribe.backends.synthesizers import ProceduralSynthesizer
 from neuroscribe.config import TargetSpec, Transform
-from neuroscribe.inspection import LayerError
+from neuroscribe.demo.renderer import ProceduralSynthesizer
+from neuroscribe.layers import LayerError
 from neuroscribe.models import LoadedTarget, build_target
 
 TRANSFORM = Transform(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

@@ -6,14 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neuroscribe.backends.synthesizers import (
-    PROMPT_TEMPLATE,
-    ProceduralSynthesizer,
-    Synthesis,
-    UnrenderableConcept,
-    image_seed,
-    parse_concept,
-)
+from neuroscribe.backends.synthesizers import PROMPT_TEMPLATE, UnrenderableConcept, image_seed
+from neuroscribe.demo.renderer import ProceduralSynthesizer, Synthesis, parse_concept
 from neuroscribe.demo.world import COLOURS, SHAPES, SIZES, render_scene, shape_mask, tint
 
 SIZE = 64

@@ -23,7 +23,12 @@ MAX_IOU_WITH_IMAGE = 0.8
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """The threshold that maximises the between-class variance of `values`."""
+    """The threshold that maximises the between-class variance of `values`.
+
+    Not `skimage.filters.threshold_otsu`: that returns the centre of the best bin where this
+    returns its upper edge, so `map > threshold` takes in the upper half of that bin too; on
+    random 7x7 maps upsampled to 64 px every mask and 4 crop lists in 10 differ from these.
+    """
     flat = values.astype(np.float64).ravel()
     lo, hi = float(flat.min()), float(flat.max())
     if hi <= lo:
@@ -39,12 +44,22 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[1:][int(np.argmax(between))])
 
 
+def iou_matrix(a: Sequence[Box], b: Sequence[Box]) -> np.ndarray:
+    """IoU of every box of `a` with every box of `b`, [len(a), len(b)]; 0 where both are empty.
+
+    torchvision's `box_iou` in float64, where the integer areas and their quotient are exact.
+    """
+    import torch
+    from torchvision.ops import box_iou
+
+    def tensor(boxes: Sequence[Box]) -> torch.Tensor:
+        return torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+
+    return torch.nan_to_num(box_iou(tensor(a), tensor(b)), nan=0.0).numpy()
+
+
 def iou(a: Box, b: Box) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union else 0.0
+    return float(iou_matrix([a], [b])[0, 0])
 
 
 def region_boxes(mask: np.ndarray) -> list[Box]:
@@ -60,16 +75,19 @@ def region_boxes(mask: np.ndarray) -> list[Box]:
 
 def select_boxes(boxes: Sequence[Box], side: int) -> list[Box]:
     """Apply the paper's rules to candidate boxes (largest first) on a side x side input."""
-    whole = (0, 0, side, side)
-    kept: list[Box] = []
-    for box in boxes:
+    if not boxes:
+        return []
+    with_image = iou_matrix(boxes, [(0, 0, side, side)])[:, 0]
+    pairwise = iou_matrix(boxes, boxes)
+    kept: list[int] = []
+    for i in range(len(boxes)):
         if len(kept) == MAX_CROPS:
             break
-        if iou(box, whole) >= MAX_IOU_WITH_IMAGE:
+        if with_image[i] >= MAX_IOU_WITH_IMAGE:
             continue
-        if all(iou(box, k) <= MAX_IOU_WITH_KEPT for k in kept):
-            kept.append(box)
-    return kept
+        if all(pairwise[i, k] <= MAX_IOU_WITH_KEPT for k in kept):
+            kept.append(i)
+    return [boxes[i] for i in kept]
 
 
 def upsample(activation_map: np.ndarray, side: int) -> np.ndarray:

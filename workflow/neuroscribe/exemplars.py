@@ -22,7 +22,7 @@ import pandas as pd
 from neuroscribe.config import LayerSpec, TargetSpec
 from neuroscribe.crops import Box, attention_boxes, input_box_to_image
 from neuroscribe.merge import columns_of
-from neuroscribe.progress import ProgressRecord, Resumed, rows_in_parts, write_from_record
+from neuroscribe.progress import Resumed, finish_chunk
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +211,9 @@ def chunk_exemplars(
         "crops": crops,
         "device": device,
         "dtype": dtype,
-        "save_every": save_every,
     }
     # retrained weights under the same path void the record too
-    record = ProgressRecord.beside(out, args, [layer_h5, manifest, *target.weights_files()])
-    table, resumed = rows_in_parts(neurons, save_every, record, rows_of, "exemplars")
-    write_from_record(table, out, record)
+    inputs = [layer_h5, manifest, *target.weights_files()]
+    resumed = finish_chunk(out, args, inputs, neurons, save_every, rows_of, "exemplars")
     log.info("%s/%s: exemplars of %d neurons", target.name, layer, len(neurons))
     return resumed

@@ -6,7 +6,6 @@ cluster job, which re-parses the Snakefile) stays fast.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib.util
 import json
@@ -16,14 +15,11 @@ from typing import Any
 
 from neuroscribe.config import ConfigError, TargetSpec
 from neuroscribe.io import atomic_path
+from neuroscribe.layers import LayerError, closest_first
 
 log = logging.getLogger(__name__)
 
 INSPECT_VERSION = 1
-
-
-class LayerError(ConfigError):
-    """A requested layer does not exist in the model or cannot be described."""
 
 
 def _inspect_key(target: TargetSpec) -> str:
@@ -84,15 +80,6 @@ def neuron_count(shape: list[int] | None) -> int | None:
     if shape is None or len(shape) not in (1, 2, 3):
         return None
     return shape[-1] if len(shape) == 2 else shape[0]
-
-
-def closest_first(wanted: str, names: list[str]) -> list[str]:
-    """All `names`, most similar to `wanted` first (ties alphabetical, so messages are stable)."""
-
-    def similarity(name: str) -> float:
-        return difflib.SequenceMatcher(None, wanted, name).ratio()
-
-    return sorted(names, key=lambda name: (-similarity(name), name))
 
 
 def check_layers(target: TargetSpec, modules: dict[str, dict[str, Any]]) -> dict[str, int]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from neuroscribe.config import ConfigError, LayerSpec, TargetSpec
 from neuroscribe.hub import fetching
-from neuroscribe.inspection import LayerError, closest_first
+from neuroscribe.layers import LayerError, closest_first
 from neuroscribe.weights import fit_error, fit_problems, load_state_dict_file
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from neuroscribe.config import ConfigError, DatasetSpec
-from neuroscribe.demo.world import images_folder
+from neuroscribe.paths import RunPaths
 from neuroscribe.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,13 @@ class Candidate:
 
 def demo_folder(results: str | Path, dataset: DatasetSpec) -> Path:
     """Where the workflow renders a `demo` dataset (images and annotations, see `world`)."""
-    return Path(results) / "probe" / "demo" / dataset.name
+    return Path(RunPaths(Path(results).as_posix()).demo_folder(dataset.name))
+
+
+def images_folder(root: str | Path) -> Path:
+    """Where a demo world rendered into `root` keeps its images (class subfolders); the probe
+    set lists a `demo` dataset from there, and `demo.world.render_world` writes there."""
+    return Path(root) / "images"
 
 
 def image_id(dataset: str, relpath: str) -> str:

@@ -124,3 +124,25 @@ def write_from_record(table: pa.Table, out: str | Path, record: ProgressRecord) 
     """Write the finished output atomically, then drop the record it was built from."""
     write_arrow(table, out)
     record.remove()
+
+
+def finish_chunk(
+    out: str | Path,
+    args: dict[str, Any],
+    inputs: Sequence[str | Path],
+    neurons: Sequence[int],
+    every: int,
+    compute: Callable[[list[int]], pd.DataFrame],
+    schema: str,
+    check: Callable[[pa.Table], None] | None = None,
+) -> Resumed:
+    """A resumable chunk job's table: the rows of `neurons`, `every` at a time, from the progress
+    record beside `out` (that of these `args`, plus `every`, and `inputs` files) and
+    `compute(part)` for the parts it lacks (see `rows_in_parts`); `check(table)` may still fail
+    the job with the record kept; then `out` is written and the record dropped."""
+    record = ProgressRecord.beside(out, args | {"save_every": every}, inputs)
+    table, resumed = rows_in_parts(neurons, every, record, compute, schema)
+    if check is not None:
+        check(table)
+    write_from_record(table, out, record)
+    return resumed

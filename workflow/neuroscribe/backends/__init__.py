@@ -1,25 +1,31 @@
-"""Foundation-model roles built from their config sections (`captioner`, `llm`).
+"""Foundation-model roles built from their config sections (`captioner`, `llm`, `synthesizer`,
+`similarity`), each typed by its role's interface.
 
 The stages call these so a backend is chosen in one place; heavy libraries are imported only by
-the backend that needs them.
+the backend that needs them, and the demo world (`neuroscribe.demo`) only when the config selects
+one of its backends (`annotations`, `procedural`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from neuroscribe.backends.captioners import AnnotationCaptioner, BlipCaptioner, Captioner
-from neuroscribe.backends.llm import LLMClient, LocalBackend, OpenAIBackend
-from neuroscribe.cache import DiskCache
-from neuroscribe.methods.dnd.concepts import (
-    BatchedProposer,
-    ConceptSettings,
-    FrequencyProposer,
-    Proposer,
-    ReferenceProposer,
+import pandas as pd
+
+from neuroscribe.backends.captioners import (
+    BlipCaptioner,
+    CachedCaptioner,
+    Captioner,
+    exemplar_requests,
 )
+from neuroscribe.backends.llm import ChatBackend, LLMClient, LocalBackend, OpenAIBackend
+from neuroscribe.backends.synthesizers import DiffusersSynthesizer, Synthesizer
+from neuroscribe.cache import DiskCache
+
+if TYPE_CHECKING:  # the similarity backends import torch
+    from neuroscribe.backends.similarity import ImageSimilarity
 
 
 def captioner(
@@ -27,6 +33,8 @@ def captioner(
 ) -> Captioner:
     """The configured captioner; `worlds` are the (dataset, folder) pairs of annotated worlds."""
     if cfg["backend"] == "annotations":
+        from neuroscribe.demo.annotations import AnnotationCaptioner
+
         return AnnotationCaptioner.from_world(worlds)
     return BlipCaptioner(
         cfg["model"],
@@ -38,9 +46,27 @@ def captioner(
     )
 
 
+def caption_exemplars(
+    exemplars: pd.DataFrame,
+    manifest: str | Path,
+    cfg: dict[str, Any],
+    worlds: Sequence[tuple[str, str | Path]],
+    cache: str | Path,
+    device: str,
+    dtype: str,
+) -> tuple[list[str], CachedCaptioner]:
+    """The caption of every row of an exemplars table (image or crop), through the run's
+    caption cache: each distinct one captioned once, here or by any earlier job. Returns the
+    captions in row order and the cached captioner (its `id` and `stats`)."""
+    with DiskCache(cache, "captions") as store:
+        cached = CachedCaptioner(captioner(cfg, worlds, device, dtype), store)
+        return cached.caption(exemplar_requests(exemplars, manifest)), cached
+
+
 def llm_client(cfg: dict[str, Any], cache: DiskCache | None, device: str, dtype: str) -> LLMClient:
+    """The chat client of the configured llm backend (`openai` or `local`)."""
     if cfg["backend"] == "openai":
-        backend: Any = OpenAIBackend(
+        backend: ChatBackend = OpenAIBackend(
             cfg["base_url"],
             cfg["model"],
             api_key_env=cfg["api_key_env"],
@@ -55,29 +81,11 @@ def llm_client(cfg: dict[str, Any], cache: DiskCache | None, device: str, dtype:
     )
 
 
-def proposer(cfg: dict[str, Any], cache: DiskCache | None, device: str, dtype: str) -> Proposer:
-    """The concept proposer of the configured llm backend and prompt mode."""
-    if cfg["backend"] == "none":
-        return FrequencyProposer(n=cfg["candidates"])
-    settings = ConceptSettings(
-        model=cfg["model"],
-        n=cfg["candidates"],
-        temperature=cfg["temperature"],
-        max_tokens=cfg["max_tokens"],
-        seed=cfg["seed"],
-        neurons_per_request=cfg["neurons_per_request"],
-    )
-    client = llm_client(cfg, cache, device, dtype)
-    if cfg["prompt_mode"] == "reference":
-        return ReferenceProposer(client, settings)
-    return BatchedProposer(client, settings)
-
-
-def synthesizer(cfg: dict[str, Any], device: str, dtype: str) -> Any:
+def synthesizer(cfg: dict[str, Any], device: str, dtype: str) -> Synthesizer:
     """The configured synthesizer (`draw`, `check`, `id`)."""
-    from neuroscribe.backends.synthesizers import DiffusersSynthesizer, ProceduralSynthesizer
-
     if cfg["backend"] == "procedural":
+        from neuroscribe.demo.renderer import ProceduralSynthesizer
+
         return ProceduralSynthesizer(size=cfg["size"])
     return DiffusersSynthesizer(
         cfg["model"],
@@ -90,7 +98,9 @@ def synthesizer(cfg: dict[str, Any], device: str, dtype: str) -> Any:
     )
 
 
-def image_similarity(cfg: dict[str, Any], loaded: Any, transform: Any, settings: dict[str, Any]) -> Any:
+def image_similarity(
+    cfg: dict[str, Any], loaded: Any, transform: Any, settings: dict[str, Any]
+) -> ImageSimilarity:
     """The configured image-image similarity (`embed`, `id`)."""
     from neuroscribe.backends.similarity import ClipSimilarity, TargetFeatureSimilarity
 

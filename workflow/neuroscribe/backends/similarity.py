@@ -1,14 +1,14 @@
 """Image-image similarity: compares a neuron's top exemplar images with a concept's images.
 
 Describe-and-Dissect uses CLIP for this. `TargetFeatureSimilarity` is the offline, CLIP-free
-stand-in with the same interface (`id`, `embed`, `matrix`, `similarity`): it embeds images with
-the target model's own penultimate features.
+stand-in with the same interface (`ImageSimilarity`: `id`, `embed`, `similarity`; it adds
+`matrix`): it embeds images with the target model's own penultimate features.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -16,8 +16,24 @@ from torch import nn
 
 from neuroscribe.activations import Normalizer, image_transform
 from neuroscribe.config import Transform
-from neuroscribe.inspection import LayerError, closest_first
+from neuroscribe.layers import LayerError, closest_first
 from neuroscribe.models import LoadedTarget, first_tensor
+
+
+class ImageSimilarity(Protocol):
+    """What every image-similarity backend offers: an `id` for cache keys and tables, and
+    L2-normalised embeddings, so a cosine is a dot product."""
+
+    @property
+    def id(self) -> str: ...
+
+    def embed(self, images: list[Image.Image]) -> torch.Tensor:
+        """L2-normalised embeddings [N, D] (float32), one row per image."""
+        ...
+
+    def similarity(self, a: list[Image.Image], b: list[Image.Image]) -> float:
+        """Mean pairwise cosine similarity of the two sets."""
+        ...
 
 
 class _Captured(Exception):

@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from neuroscribe.backends.llm import words
+from neuroscribe.demo.annotations import load_annotations
 from neuroscribe.demo.world import SHAPES, TEXTURE_WORDS
 from neuroscribe.merge import stored_neurons
-from neuroscribe.probe import image_id
 from neuroscribe.tables import write_table
+from neuroscribe.words import words
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,6 @@ def auc(activations: np.ndarray, positives: np.ndarray) -> np.ndarray:
         return (rank_sums - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def _annotations(worlds: Sequence[tuple[str, str | Path]]) -> pd.DataFrame:
-    frames = []
-    for dataset, root in worlds:
-        table = pd.read_parquet(Path(root) / "annotations.parquet")
-        table["image_id"] = [image_id(dataset, rel) for rel in table["relpath"]]
-        frames.append(table)
-    return pd.concat(frames, ignore_index=True).set_index("image_id")
-
-
 def _names(label: object, truth_words: set[str]) -> bool | None:
     if not isinstance(label, str) or not label:
         return None
@@ -101,7 +92,7 @@ def evaluate(
     table = pd.read_parquet(descriptions)
     table = table[table["model"] == model]
     probe = pd.read_parquet(manifest)
-    notes = _annotations(worlds)
+    notes = load_annotations(worlds).set_index("image_id")
     annotated = probe["image_id"].isin(notes.index).to_numpy()
     per_image = dict(zip(probe["image_id"], [None] * len(probe), strict=True))
     per_image.update(zip(notes.index, attribute_tags(notes), strict=True))

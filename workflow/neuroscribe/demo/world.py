@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
 from neuroscribe.io import atomic_path
+from neuroscribe.probe import images_folder
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,17 @@ class WorldObject:
     texture: str
     size: str
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), pixels
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> WorldObject:
+        """An object as an annotation row stores it ({shape, colour, texture, size, box})."""
+        return cls(
+            shape=record["shape"],
+            colour=record["colour"],
+            texture=record["texture"],
+            size=record["size"],
+            box=tuple(int(v) for v in record["box"]),  # type: ignore[arg-type]
+        )
 
     def phrase(self) -> str:
         words = [self.size, self.colour, TEXTURE_WORDS[self.texture], self.shape]
@@ -91,7 +105,7 @@ def _place(
     return None
 
 
-def _light_rgb(rng: np.random.Generator) -> tuple[int, int, int]:
+def light_rgb(rng: np.random.Generator) -> tuple[int, int, int]:
     """Background colours: light and low-saturation, never one of the object colours."""
     grey = int(rng.integers(200, 246))
     tint = rng.integers(-10, 11, size=3)
@@ -124,7 +138,7 @@ def sample_scene(rng: np.random.Generator, size: int) -> Scene:
     return Scene(
         objects=tuple(objects),
         background=background,
-        background_rgb=(_light_rgb(rng), _light_rgb(rng)),
+        background_rgb=(light_rgb(rng), light_rgb(rng)),
         noise_seed=int(rng.integers(2**31)),
     )
 
@@ -217,11 +231,6 @@ def render_scene(scene: Scene, size: int) -> Image.Image:
 def scenes(n: int, size: int, seed: int) -> list[Scene]:
     rng = np.random.default_rng(seed)
     return [sample_scene(rng, size) for _ in range(n)]
-
-
-def images_folder(root: str | Path) -> Path:
-    """Where `render_world` puts the images (class subfolders) of a world rendered into `root`."""
-    return Path(root) / "images"
 
 
 def annotations_path(root: str | Path) -> Path:

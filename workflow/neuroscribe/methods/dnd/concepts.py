@@ -25,14 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from neuroscribe.backends.llm import (
-    ChatReply,
-    ChatRequest,
-    FrequencySummariser,
-    LLMClient,
-    LLMError,
-    MalformedReply,
-)
+from neuroscribe.backends import llm_client
+from neuroscribe.backends.llm import ChatReply, ChatRequest, LLMClient, LLMError, MalformedReply
+from neuroscribe.cache import DiskCache
+from neuroscribe.words import FrequencySummariser
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +351,26 @@ class FrequencyProposer:
                 record.error = "the captions hold no content words to summarise"
             records.append(record)
         return records
+
+
+def build_proposer(
+    cfg: dict[str, Any], cache: DiskCache | None, device: str, dtype: str
+) -> Proposer:
+    """The concept proposer of the configured llm backend and prompt mode."""
+    if cfg["backend"] == "none":
+        return FrequencyProposer(n=cfg["candidates"])
+    settings = ConceptSettings(
+        model=cfg["model"],
+        n=cfg["candidates"],
+        temperature=cfg["temperature"],
+        max_tokens=cfg["max_tokens"],
+        seed=cfg["seed"],
+        neurons_per_request=cfg["neurons_per_request"],
+    )
+    client = llm_client(cfg, cache, device, dtype)
+    if cfg["prompt_mode"] == "reference":
+        return ReferenceProposer(client, settings)
+    return BatchedProposer(client, settings)
 
 
 def _concurrently(work, items: list, workers: int) -> list[NeuronConcepts]:

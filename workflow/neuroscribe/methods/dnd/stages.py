@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,19 +18,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from neuroscribe import backends as roles
-from neuroscribe.backends.captioners import CachedCaptioner, CaptionRequest
+from neuroscribe import backends
 from neuroscribe.cache import DiskCache
+from neuroscribe.config import TargetSpec
 from neuroscribe.failures import Failure, check_failures
-from neuroscribe.progress import ProgressRecord, Resumed, rows_in_parts, write_from_record
+from neuroscribe.features import Memo, as_box, embed_files, layer_activations
+from neuroscribe.methods.dnd.concepts import build_proposer
+from neuroscribe.progress import Resumed, finish_chunk
 from neuroscribe.redaction import redact, secret_values
 from neuroscribe.tables import write_table
 
 log = logging.getLogger(__name__)
-
-
-def _box(value: Any) -> tuple[int, int, int, int] | None:
-    return None if value is None else tuple(int(v) for v in value)  # type: ignore[return-value]
 
 
 def caption_chunk(
@@ -45,14 +43,9 @@ def caption_chunk(
 ) -> None:
     """Caption every exemplar (image or crop) of a chunk, each distinct one once."""
     table = pd.read_parquet(exemplars)
-    paths = pd.read_parquet(manifest, columns=["image_id", "path"]).set_index("image_id")["path"]
-    requests = [
-        CaptionRequest(image_id=i, path=str(paths[i]), box=_box(b))
-        for i, b in zip(table["image_id"], table["box"], strict=True)
-    ]
-    with DiskCache(cache, "captions") as store:
-        cached = CachedCaptioner(roles.captioner(captioner, worlds, device, dtype), store)
-        captions = cached.caption(requests)
+    captions, cached = backends.caption_exemplars(
+        table, manifest, captioner, worlds, cache, device, dtype
+    )
     s = cached.stats
     log.info(
         "captions: %d exemplars of %d neurons, %d distinct, %d from the cache, %d captioned by %s",
@@ -73,18 +66,21 @@ def concept_chunk(
     captions: str | Path,
     out: str | Path,
     llm: dict[str, Any],
+    proposal: dict[str, Any],
     cache: str | Path,
     device: str = "auto",
     dtype: str = "auto",
     max_failed_fraction: float = 1.0,
 ) -> None:
-    """N candidate concepts per neuron of a chunk, from its exemplars' captions. Fails, after
-    every usable reply is cached, when more than `max_failed_fraction` of the neurons failed."""
+    """N candidate concepts per neuron of a chunk, from its exemplars' captions. `llm` is the
+    connection (the config's `llm` section), `proposal` the prompts' settings (`dnd:`'s
+    candidates, prompt_mode, ...). Fails, after every usable reply is cached, when more than
+    `max_failed_fraction` of the neurons failed."""
     table = pd.read_parquet(captions).sort_values(["neuron", "rank"])
     first = table.iloc[0]
     neurons = [(int(n), list(g["caption"])) for n, g in table.groupby("neuron", sort=True)]
     with DiskCache(cache, "llm") as store:
-        proposer = roles.proposer(llm, store, device, dtype)
+        proposer = build_proposer(llm | proposal, store, device, dtype)
         records = proposer.propose(neurons)
         client = getattr(proposer, "client", None)
         if client is not None:
@@ -140,7 +136,7 @@ def synthesize_chunk(
 
     table = pd.read_parquet(concepts)
     distinct = list(dict.fromkeys(c for cands in table["candidates"] for c in cands))
-    drawer = roles.synthesizer(synthesizer, device, dtype)
+    drawer = backends.synthesizer(synthesizer, device, dtype)
     q, seed = synthesizer["images_per_concept"], synthesizer["seed"]
     rows, requests, owners = [], [], []
     for concept in distinct:
@@ -177,75 +173,13 @@ def synthesize_chunk(
     write_table(out_table, out, "synthesis")
 
 
-def _embed_files(sim: Any, items: Sequence[tuple[str, Any]], batch: int = 256) -> Any:
-    """Similarity embeddings of (path, box or None) items, reading a batch of files at a time."""
-    import torch
-
-    from neuroscribe.backends.captioners import crop_image
-    from neuroscribe.probe import load_rgb
-
-    parts = []
-    for start in range(0, len(items), batch):
-        images = [crop_image(load_rgb(p), _box(b)) for p, b in items[start : start + batch]]
-        parts.append(sim.embed(images))
-    return torch.cat(parts)
-
-
-def _synthetic_activations(
-    paths: list[str], target: Any, layer: Any, loaded: Any, settings: dict[str, Any]
-) -> Any:
-    """Pooled activations [images, channels] of the layer on the synthesised images."""
-    from neuroscribe.activations import ProbeImages, forward_batches
-    from neuroscribe.device import resolve_dtype
-    from neuroscribe.models import LayerRecorder
-
-    dev = next(loaded.module.parameters()).device
-    recorder = LayerRecorder(loaded, [layer])
-    out: np.ndarray | None = None
-    batches = forward_batches(
-        recorder,
-        ProbeImages(np.array(paths), target.transform),
-        target.transform,
-        settings["batch_size"],
-        settings["workers"],
-        dev,
-        resolve_dtype(settings["dtype"], dev),
-    )
-    for index, outputs in batches:
-        values = outputs[layer.name].float().cpu().numpy()
-        if out is None:
-            out = np.empty((len(paths), values.shape[1]), dtype=np.float32)
-        out[index.numpy()] = values
-    recorder.close()
-    return out
-
-
-class _Memo:
-    """Features of items (image files, exemplar crops) computed in batches, each item once per
-    job, so an image shared by neurons of several parts of the chunk goes through a model once."""
-
-    def __init__(self, compute: Callable[[list[Any]], np.ndarray]) -> None:
-        self.compute = compute
-        self.rows: dict[Any, int] = {}
-        self.blocks: list[np.ndarray] = []
-
-    def get(self, keys: Sequence[Any]) -> np.ndarray:
-        new = [k for k in dict.fromkeys(keys) if k not in self.rows]
-        if new:
-            self.blocks = [np.concatenate([*self.blocks, np.asarray(self.compute(new))])]
-            self.rows |= {k: len(self.rows) + i for i, k in enumerate(new)}
-        if not keys:
-            return np.empty((0, 0), dtype=np.float32)
-        return self.blocks[0][[self.rows[k] for k in keys]]
-
-
 def score_chunk(
     concepts: str | Path,
     synthesis: str | Path,
     exemplars: str | Path,
     manifest: str | Path,
     out: str | Path,
-    target: Any,
+    target: TargetSpec,
     layer: str,
     scoring: dict[str, Any],
     top_k: int,
@@ -270,15 +204,28 @@ def score_chunk(
     @functools.cache
     def models() -> tuple[Any, Any]:  # loaded once, and only if some part is left to score
         loaded = load_on(target, resolve_device(settings["device"]))
-        return loaded, roles.image_similarity(scoring["similarity"], loaded, target.transform, settings)
+        return loaded, backends.image_similarity(
+            scoring["similarity"], loaded, target.transform, settings
+        )
 
-    acts = _Memo(lambda paths: _synthetic_activations(paths, target, spec, models()[0], settings))
-    synth_emb = _Memo(
-        lambda paths: _embed_files(models()[1], [(p, None) for p in paths]).cpu().numpy()
+    def activations(paths: list[str]) -> np.ndarray:
+        return layer_activations(
+            paths,
+            models()[0],
+            spec,
+            target.transform,
+            settings["batch_size"],
+            settings["workers"],
+            settings["dtype"],
+        )
+
+    acts = Memo(activations)
+    synth_emb = Memo(
+        lambda paths: embed_files(models()[1], [(p, None) for p in paths]).cpu().numpy()
     )
     # exemplars shared by neurons of the chunk are read and embedded once
-    ex_emb = _Memo(
-        lambda keys: _embed_files(models()[1], [(probe[i], b) for i, b in keys]).cpu().numpy()
+    ex_emb = Memo(
+        lambda keys: embed_files(models()[1], [(probe[i], b) for i, b in keys]).cpu().numpy()
     )
     candidates = dict(zip(concept_table["neuron"], concept_table["candidates"], strict=True))
     concept_errors = dict(zip(concept_table["neuron"], concept_table["error"], strict=True))
@@ -291,7 +238,7 @@ def score_chunk(
         mine = ex[ex["neuron"].isin(part)]
         ex_keys: dict[int, list[Any]] = {n: [] for n in part}
         for n, i, b in zip(mine["neuron"], mine["image_id"], mine["box"], strict=True):
-            ex_keys[int(n)].append((i, _box(b)))
+            ex_keys[int(n)].append((i, as_box(b)))
         # the part's new images in one batched pass per model; the neurons below read the memo
         every = [p for n in part if images[n] for _, p in images[n]]
         acts.get(every)
@@ -340,26 +287,28 @@ def score_chunk(
         "top_k": top_k,
         "device": settings["device"],
         "dtype": settings["dtype"],
-        "save_every": save_every,
     }
     inputs = [concepts, synthesis, exemplars, manifest, *target.weights_files()]
-    record = ProgressRecord.beside(out, args, inputs)
     neurons = [int(n) for n in concept_table["neuron"]]
-    table, resumed = rows_in_parts(neurons, save_every, record, rows_of, "scores")
-    check_failures(
-        f"scores of {target.name}/{layer} ({Path(out).stem})",
-        [
-            Failure(n, e)
-            for n, e in zip(
-                table.column("neuron").to_pylist(), table.column("error").to_pylist(), strict=True
-            )
-            if e is not None
-        ],
-        len(neurons),
-        max_failed_fraction,
-        "Their candidates have no images (see the errors, the concepts and synthesis tables).",
-    )
-    write_from_record(table, out, record)
+
+    def check(table: Any) -> None:
+        check_failures(
+            f"scores of {target.name}/{layer} ({Path(out).stem})",
+            [
+                Failure(n, e)
+                for n, e in zip(
+                    table.column("neuron").to_pylist(),
+                    table.column("error").to_pylist(),
+                    strict=True,
+                )
+                if e is not None
+            ],
+            len(neurons),
+            max_failed_fraction,
+            "Their candidates have no images (see the errors, the concepts and synthesis tables).",
+        )
+
+    resumed = finish_chunk(out, args, inputs, neurons, save_every, rows_of, "scores", check)
     log.info(
         "scores: %d neurons, %d synthesised and %d exemplar images through the models",
         len(neurons),

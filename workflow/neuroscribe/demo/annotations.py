@@ -1,0 +1,78 @@
+"""The demo world's annotations: loaded by image id, and read as captions (captioner `annotations`).
+
+`render_world` writes one annotation row per image (relpath, label, caption, background and the
+objects with their boxes); `load_annotations` reads those of several worlds with the image ids the
+probe manifest gives their images. `AnnotationCaptioner` answers the captioner role from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from neuroscribe.backends.captioners import CaptionRequest
+from neuroscribe.demo.world import BACKGROUND_WORDS, WorldObject, annotations_path
+from neuroscribe.probe import image_id
+
+# an object counts as inside a crop when at least this share of its box lies in the crop
+INSIDE_SHARE = 0.5
+
+
+def load_annotations(worlds: Iterable[tuple[str, str | Path]]) -> pd.DataFrame:
+    """The annotations of (dataset name, world folder) pairs, one table with an `image_id` column
+    holding the ids the probe manifest computes for the images."""
+    frames = []
+    for dataset, root in worlds:
+        table = pd.read_parquet(annotations_path(root))
+        table["image_id"] = [image_id(dataset, rel) for rel in table["relpath"]]
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True)
+
+
+class MissingAnnotation(KeyError):
+    """An exemplar's image has no annotation, so the annotations captioner cannot describe it."""
+
+
+def _share_inside(obj_box: Sequence[int], crop: Sequence[int]) -> float:
+    ix = max(0, min(obj_box[2], crop[2]) - max(obj_box[0], crop[0]))
+    iy = max(0, min(obj_box[3], crop[3]) - max(obj_box[1], crop[1]))
+    area = (obj_box[2] - obj_box[0]) * (obj_box[3] - obj_box[1])
+    return ix * iy / area if area else 0.0
+
+
+class AnnotationCaptioner:
+    """Captions from annotations: the image's own caption, or for a crop, the objects inside it.
+
+    `annotations` has one row per image: image_id, caption, and optionally objects (list of
+    {shape, colour, texture, size, box}) and background, as the demo world writes them.
+    """
+
+    id = "annotations"
+
+    def __init__(self, annotations: pd.DataFrame) -> None:
+        self._rows = {row["image_id"]: row for row in annotations.to_dict("records")}
+
+    @classmethod
+    def from_world(cls, roots: Iterable[tuple[str, str | Path]]) -> AnnotationCaptioner:
+        """From (dataset name, world folder) pairs; ids as the probe manifest computes them."""
+        return cls(load_annotations(roots))
+
+    def caption(self, requests: Sequence[CaptionRequest]) -> list[str]:
+        return [self._caption(r) for r in requests]
+
+    def _caption(self, request: CaptionRequest) -> str:
+        row = self._rows.get(request.image_id)
+        if row is None:
+            raise MissingAnnotation(
+                f"image {request.image_id} ({request.path}) has no annotation; the `annotations` "
+                "captioner needs a probe set that ships captions (use the blip captioner otherwise)"
+            )
+        objects = row.get("objects")
+        if request.box is None or objects is None:
+            return str(row["caption"])
+        inside = [o for o in objects if _share_inside(o["box"], request.box) >= INSIDE_SHARE]
+        if not inside:
+            return f"{BACKGROUND_WORDS[row['background']]} background"
+        return " and ".join(f"a {WorldObject.from_record(o).phrase()}" for o in inside)
