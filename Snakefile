@@ -10,7 +10,14 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/probe.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/exemplars.smk"
-include: "workflow/rules/dnd.smk"
+
+
+# each enabled method's own rules (neuroscribe.methods: workflow/rules/dnd.smk for dnd)
+for _rules in method_rules():
+
+    include: _rules
+
+
 include: "workflow/rules/describe.smk"
 
 
@@ -18,10 +25,10 @@ include: "workflow/rules/describe.smk"
 # the next run (Snakemake does not regenerate a missing intermediate file of an up-to-date target).
 rule all:
     input:
-        f"{RESULTS}/descriptions.parquet",
-        f"{RESULTS}/descriptions.csv",
+        PATHS.descriptions(),
+        PATHS.descriptions("csv"),
         activation_outputs(),
-        chunk_outputs("exemplars", "parquet"),
+        chunk_outputs("exemplars"),
         method_outputs(),
         evaluation_outputs(),
     localrule: True

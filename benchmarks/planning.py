@@ -136,21 +136,25 @@ def survey_seconds(probe: Path) -> float:
     return time.perf_counter() - start
 
 
+# the methods the benchmark's config runs (their stages' groups and order)
+METHODS = {"methods": ["topk", "dnd"]}
+
+
 def slurm_jobs(jobs: dict[str, int]) -> dict:
     """What `snakemake plan --profile profiles/slurm` reports for these jobs (the same count,
     without needing a SLURM cluster to run the plan target)."""
-    from neuroscribe.fanout import CHUNK_GROUPS
-    from neuroscribe.plan import cluster_jobs
+    from neuroscribe.fanout import chunk_groups
+    from neuroscribe.plan import cluster_jobs, stage_order
 
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "profile.yaml").read_text())
     cluster = {
         "executor": "slurm",
         "remote": True,
-        "groups": CHUNK_GROUPS,
+        "groups": chunk_groups(METHODS),
         "local": ["all", "render_demo_probe", "evaluate_demo", "plan"],
         "group_components": profile["group-components"],
     }
-    return cluster_jobs(jobs, cluster)
+    return cluster_jobs(jobs, cluster, stage_order(METHODS))
 
 
 if __name__ == "__main__":

@@ -56,12 +56,14 @@ from tiny_blip import build_tiny_blip  # noqa: E402
 from tiny_diffusion import build_tiny_clip, build_tiny_sd  # noqa: E402
 
 from conftest import snakemake_command  # noqa: E402
-from neuroscribe import backends as roles  # noqa: E402
-from neuroscribe.backends.captioners import CaptionRequest  # noqa: E402
+from neuroscribe import backends  # noqa: E402
+from neuroscribe.backends.captioners import exemplar_requests  # noqa: E402
 from neuroscribe.backends.synthesizers import PROMPT_TEMPLATE, image_seed  # noqa: E402
-from neuroscribe.config import TargetSpec, validate_config  # noqa: E402
+from neuroscribe.config import TargetSpec, derive, validate_config  # noqa: E402
 from neuroscribe.exemplars import chunk_exemplars  # noqa: E402
 from neuroscribe.imagestore import ImageRequest  # noqa: E402
+from neuroscribe.methods.dnd import proposal  # noqa: E402
+from neuroscribe.methods.dnd.concepts import build_proposer  # noqa: E402
 from neuroscribe.methods.dnd.stages import score_chunk  # noqa: E402
 
 # a target with one wide layer: N channels to describe
@@ -149,7 +151,7 @@ def build_config(root: Path, args: argparse.Namespace, server_url: str) -> Path:
         "base_url": server_url,
         "api_key_env": None,
     }
-    cfg["synthesizer"] = {
+    synthesizer = {
         "backend": "diffusers",
         "model": models["sd"],
         "steps": args.steps or size["steps"],
@@ -157,9 +159,12 @@ def build_config(root: Path, args: argparse.Namespace, server_url: str) -> Path:
         "images_per_concept": args.images_per_concept,
     }
     if args.preset == "fast":
-        fast = yaml.safe_load((REPO / "config" / "fast.yaml").read_text())["synthesizer"]
-        cfg["synthesizer"] |= {"steps": fast["steps"], "guidance": fast["guidance"]}
-    cfg["scoring"] = {"similarity": {"backend": "clip", "model": models["clip"]}}
+        fast = yaml.safe_load((REPO / "config" / "fast.yaml").read_text())["dnd"]["synthesizer"]
+        synthesizer |= {"steps": fast["steps"], "guidance": fast["guidance"]}
+    cfg["dnd"] = {
+        "synthesizer": synthesizer,
+        "scoring": {"similarity": {"backend": "clip", "model": models["clip"]}},
+    }
     # on a GPU machine each job decodes images with a few DataLoader workers
     gpus, cpus = (0, 1) if args.device == "cpu" else (1, 4)
     for stage in ("captions", "synthesis", "scores", "exemplars", "activations"):
@@ -196,7 +201,9 @@ def run_pipeline(root: Path, config: Path, server: Any, n: int) -> Work:
     work.add("captioned images", _logged(logs / "captions", r"(\d+) captioned by"))
     drawn = _logged(logs / "synthesis", r"(\d+) drawn now")
     work.add("diffusion images", drawn)
-    work.add("denoising steps", drawn * yaml.safe_load(config.read_text())["synthesizer"]["steps"])
+    work.add(
+        "denoising steps", drawn * yaml.safe_load(config.read_text())["dnd"]["synthesizer"]["steps"]
+    )
     crops = _logged(logs / "exemplars", r"(\d+) attention crops for")
     images = _logged(logs / "exemplars", r"attention crops for \d+ neurons on (\d+) images")
     scored = _logged(logs / "scores", r"neurons, (\d+) synthesised and")
@@ -230,12 +237,11 @@ def run_reference(
         cfg["targets"][0] | {"layers": [{"pooling": "avg", "tokens": "cls", **layer}]}
     )
     manifest = results / "probe" / "manifest.parquet"
-    paths = pd.read_parquet(manifest, columns=["image_id", "path"]).set_index("image_id")["path"]
     layer_h5 = results / "activations" / "wide" / f"{name}.h5"
-    synth = cfg["synthesizer"] | paper
+    synth = cfg["dnd"]["synthesizer"] | paper
     device = cfg["device"]
     # the paper's calls, with no cache: every request reaches the server
-    llm = cfg["llm"] | {"prompt_mode": "reference", "max_concurrency": 4}
+    llm = derive(cfg).llm(cfg) | proposal(cfg) | {"prompt_mode": "reference", "max_concurrency": 4}
     work = Work(neurons=len(neurons))
     before = len(server.requests)
     start = time.perf_counter()
@@ -248,15 +254,12 @@ def run_reference(
         )
         ex = pd.read_parquet(ex_file)
         work.add("target forward images", _crop_forwards(ex))
-        captioner = roles.captioner(cfg["captioner"], [], device, "auto")  # loaded per neuron
-        requests = [
-            CaptionRequest(i, str(paths[i]), None if b is None else tuple(int(v) for v in b))
-            for i, b in zip(ex["image_id"], ex["box"], strict=True)
-        ]
+        captioner = backends.captioner(cfg["captioner"], [], device, "auto")  # loaded per neuron
+        requests = exemplar_requests(ex, manifest)
         captions = captioner.caption(requests)
         work.add("captioned images", len(requests))
-        (record,) = roles.proposer(llm, None, device, "auto").propose([(neuron, captions)])
-        drawer = roles.synthesizer(synth, device, "auto")  # loaded per neuron
+        (record,) = build_proposer(llm, None, device, "auto").propose([(neuron, captions)])
+        drawer = backends.synthesizer(synth, device, "auto")  # loaded per neuron
         rows = []
         # one candidate per summary call, drawn for each even when two summaries agree
         cands = record.candidates
@@ -301,7 +304,7 @@ def run_reference(
             folder / "scores.parquet",
             target,
             name,
-            cfg["scoring"],
+            cfg["dnd"]["scoring"],
             cfg["top_k"],
             {"batch_size": cfg["batch_size"], "workers": 0, "device": device, "dtype": "auto"},
         )
@@ -408,7 +411,7 @@ def main() -> None:
             reference = run_reference(
                 root, config, server, list(range(args.reference_neurons)), paper
             )
-    synth = cfg["synthesizer"]
+    synth = cfg["dnd"]["synthesizer"]
     print(
         f"Describe-and-Dissect on {args.neurons} neurons (--size {args.size}, --device "
         f"{args.device}, {args.images} probe images, K={args.top_k}, Q={args.images_per_concept}); reference timed on "

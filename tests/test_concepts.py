@@ -16,6 +16,7 @@ from fake_openai import FakeOpenAI, Reply, Status, fake_openai, labeller
 from neuroscribe.backends.llm import LLMClient, LLMError, OpenAIBackend
 from neuroscribe.cache import DiskCache
 from neuroscribe.failures import TooManyFailed
+from neuroscribe.methods.dnd import PROPOSAL_KEYS
 from neuroscribe.methods.dnd import stages as dnd
 from neuroscribe.methods.dnd.concepts import (
     BatchedProposer,
@@ -205,6 +206,11 @@ def llm_config(**overrides: Any) -> dict[str, Any]:
     return cfg | overrides
 
 
+def proposal_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The `dnd:` settings of a concept job, taken from a test's flat llm settings."""
+    return {k: cfg[k] for k in PROPOSAL_KEYS}
+
+
 def test_concept_stage_writes_the_table_and_reruns_for_free(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -214,12 +220,16 @@ def test_concept_stage_writes_the_table_and_reruns_for_free(
     caplog.set_level(logging.INFO)
     with fake_openai(default=labeller) as server:
         cfg = llm_config(base_url=server.base_url)
-        dnd.concept_chunk(captions, out, cfg, tmp_path / "llm.sqlite", device="cpu")
+        dnd.concept_chunk(
+            captions, out, cfg, proposal_of(cfg), tmp_path / "llm.sqlite", device="cpu"
+        )
         first = pd.read_parquet(out)
         assert len(server.requests) == 3
         assert server.headers[0]["authorization"] == "Bearer sk-test-secret-123"
         out.unlink()
-        dnd.concept_chunk(captions, out, cfg, tmp_path / "llm.sqlite", device="cpu")
+        dnd.concept_chunk(
+            captions, out, cfg, proposal_of(cfg), tmp_path / "llm.sqlite", device="cpu"
+        )
         assert len(server.requests) == 3  # the rerun is answered by the cache
     second = pd.read_parquet(out)
     assert list(first["neuron"]) == [3, 7, 9]
@@ -236,7 +246,13 @@ def test_concept_stage_writes_the_table_and_reruns_for_free(
 def test_concept_stage_with_the_frequency_backend(tmp_path: Path) -> None:
     captions = captions_table(tmp_path / "captions.parquet")
     out = tmp_path / "concepts.parquet"
-    dnd.concept_chunk(captions, out, llm_config(backend="none"), tmp_path / "llm.sqlite")
+    dnd.concept_chunk(
+        captions,
+        out,
+        llm_config(backend="none"),
+        proposal_of(llm_config()),
+        tmp_path / "llm.sqlite",
+    )
     table = pd.read_parquet(out)
     assert table["candidates"].iloc[2][0] == "green triangle"
     assert table["proposer"].iloc[0] == "none:frequency-5"
@@ -266,7 +282,7 @@ def test_unusable_replies_fail_the_chunk_and_are_asked_again_after_the_fix(
     with fake_openai(default=off_schema) as server:
         cfg = llm_config(base_url=server.base_url)
         with pytest.raises(TooManyFailed) as failed:
-            dnd.concept_chunk(captions, out, cfg, cache, max_failed_fraction=0.2)
+            dnd.concept_chunk(captions, out, cfg, proposal_of(cfg), cache, max_failed_fraction=0.2)
         assert len(server.requests) == 6  # each neuron: its request and one repair
         message = str(failed.value)
         assert "3 of 3 neurons failed, more than max_failed_fraction (0.2) allows" in message
@@ -274,14 +290,14 @@ def test_unusable_replies_fail_the_chunk_and_are_asked_again_after_the_fix(
         assert not out.exists(), "a failed chunk wrote its output"
         # the server is fixed: the unusable replies are not served from the cache again
         server.default = labeller
-        dnd.concept_chunk(captions, out, cfg, cache, max_failed_fraction=0.2)
+        dnd.concept_chunk(captions, out, cfg, proposal_of(cfg), cache, max_failed_fraction=0.2)
         assert len(server.requests) == 6 + 3
         table = pd.read_parquet(out)
         assert list(table["status"]) == ["ok"] * 3 and table["llm_requests"].sum() == 3
         # a third run pays for nothing, whatever the server would say now
         server.default = off_schema
         out.unlink()
-        dnd.concept_chunk(captions, out, cfg, cache)
+        dnd.concept_chunk(captions, out, cfg, proposal_of(cfg), cache)
         assert len(server.requests) == 9
     # the unusable replies stay in the cache, for audit, with the reason they were rejected
     with DiskCache(cache, "llm") as store:
@@ -301,7 +317,9 @@ def test_a_few_failed_neurons_are_listed_with_their_error(tmp_path: Path) -> Non
 
     with fake_openai(default=one_neuron_broken) as server:
         cfg = llm_config(base_url=server.base_url, api_key_env=None)
-        dnd.concept_chunk(captions, out, cfg, tmp_path / "cache", max_failed_fraction=0.5)
+        dnd.concept_chunk(
+            captions, out, cfg, proposal_of(cfg), tmp_path / "cache", max_failed_fraction=0.5
+        )
     table = pd.read_parquet(out).set_index("neuron")
     assert list(table["status"]) == ["ok", "failed", "ok"]
     assert "malformed reply after one repair" in table.loc[7, "error"]
@@ -322,7 +340,9 @@ def test_a_key_the_server_echoes_back_is_redacted_everywhere(
     out = tmp_path / "c.parquet"
     with fake_openai(Status(500, echo_headers=True), default=echo_headers) as server:
         cfg = llm_config(base_url=server.base_url)
-        dnd.concept_chunk(captions, out, cfg, tmp_path / "cache", max_failed_fraction=1.0)
+        dnd.concept_chunk(
+            captions, out, cfg, proposal_of(cfg), tmp_path / "cache", max_failed_fraction=1.0
+        )
     assert secret in server.headers[0]["authorization"]  # it was sent, and echoed
     assert secret not in caplog.text and "Bearer [redacted]" in caplog.text  # the retry warning
     table = pd.read_parquet(out)
@@ -341,6 +361,7 @@ def test_a_failing_job_prints_no_key_in_its_traceback(tmp_path: Path, job_env: d
             "captions": str(captions),
             "out": str(tmp_path / "c.parquet"),
             "llm": llm_config(base_url=server.base_url),
+            "proposal": proposal_of(llm_config()),
             "cache": str(tmp_path / "cache"),
             "device": "cpu",
             "dtype": "auto",

@@ -11,7 +11,13 @@ import pytest
 import yaml
 
 from conftest import REPO
-from neuroscribe.config import ConfigError, run_name, targets_from_config, validate_config
+from neuroscribe.config import (
+    ConfigError,
+    derive,
+    run_name,
+    targets_from_config,
+    validate_config,
+)
 from neuroscribe.fanout import build_layout, select_neurons
 from neuroscribe.inspection import LayerError, check_layers, inspect_target
 
@@ -28,7 +34,7 @@ def test_demo_config_is_valid_and_defaults_are_filled() -> None:
     cfg = validate_config(demo())
     assert cfg["methods"] == ["topk", "dnd"]
     assert cfg["captioner"]["backend"] == "annotations" and cfg["llm"]["backend"] == "none"
-    assert cfg["llm"]["prompt_mode"] == "batched" and cfg["llm"]["candidates"] == 5
+    assert cfg["dnd"]["prompt_mode"] == "batched" and cfg["dnd"]["candidates"] == 5
     assert cfg["dtype"] == "auto"
     assert cfg["targets"][0]["pooling"] == "avg"
     assert cfg["targets"][0]["tokens"] == "cls"
@@ -69,15 +75,20 @@ def test_fast_preset_changes_only_the_text_to_image_model_and_its_steps(tmp_path
     fast = copy.deepcopy(paper)
     update_config(fast, yaml.safe_load((REPO / "config" / "fast.yaml").read_text()))
     paper, fast = validate_config(paper), validate_config(fast)
-    changed = {k: (paper["synthesizer"][k], v) for k, v in fast["synthesizer"].items()}
+    changed = {
+        k: (paper["dnd"]["synthesizer"][k], v) for k, v in fast["dnd"]["synthesizer"].items()
+    }
     changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}
     assert changed == {
         "model": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/sd-turbo"),
         "steps": (50, 1),
         "guidance": (7.5, 0.0),
     }
-    assert {k: v for k, v in fast.items() if k not in ("synthesizer", "preset")} == {
-        k: v for k, v in paper.items() if k not in ("synthesizer", "preset")
+    assert {k: v for k, v in fast.items() if k not in ("dnd", "preset")} == {
+        k: v for k, v in paper.items() if k not in ("dnd", "preset")
+    }
+    assert {k: v for k, v in fast["dnd"].items() if k != "synthesizer"} == {
+        k: v for k, v in paper["dnd"].items() if k != "synthesizer"
     }
     # its results go to their own folder, beside the paper settings' results
     assert run_name(paper) == "resnet50-imagenet" and run_name(fast) == "resnet50-imagenet-fast"
@@ -119,17 +130,28 @@ INVALID = [
         "config key 'llm.backend': 'gpt' is not allowed; allowed values: local, openai, none",
     ),
     (
-        _set("scoring.method", "mean"),
-        "config key 'scoring.method': 'mean' is not allowed; allowed values: combined, rank, "
+        _set("dnd.scoring.method", "mean"),
+        "config key 'dnd.scoring.method': 'mean' is not allowed; allowed values: combined, rank, "
         "similarity",
     ),
     (
-        _set("synthesizer.images_per_concept", 0),
-        "config key 'synthesizer.images_per_concept': 0 is less than the minimum of 1",
+        _set("dnd.synthesizer.images_per_concept", 0),
+        "config key 'dnd.synthesizer.images_per_concept': 0 is less than the minimum of 1",
     ),
     (
-        _set("llm.prompt_mode", "paper"),
-        "config key 'llm.prompt_mode': 'paper' is not allowed; allowed values: batched, reference",
+        _set("dnd.prompt_mode", "paper"),
+        "config key 'dnd.prompt_mode': 'paper' is not allowed; allowed values: batched, reference",
+    ),
+    # keys that moved into the `dnd:` section say where they live now
+    (
+        _set("llm.candidates", 3),
+        "config key 'llm.candidates' has moved: it is now 'dnd.candidates' (the settings only "
+        "Describe-and-Dissect uses live in its `dnd:` section); move it there",
+    ),
+    (
+        _set("synthesizer", {"steps": 4}),
+        "config key 'synthesizer' has moved: it is now 'dnd.synthesizer' (the settings only "
+        "Describe-and-Dissect uses live in its `dnd:` section); move it there",
     ),
     (
         _set("methods", ["dnd", "clip"]),
@@ -147,9 +169,8 @@ INVALID = [
     (
         _set("chunksize", 3),
         "config: unknown key 'chunksize' (did you mean 'chunk_size'?); allowed keys: batch_size, "
-        "captioner, chunk_size, crops, device, dtype, llm, max_failed_fraction, methods, "
-        "preset, probe, resources, run, save_every, scoring, shard_size, synthesizer, targets, "
-        "top_k",
+        "captioner, chunk_size, crops, device, dnd, dtype, llm, max_failed_fraction, methods, "
+        "preset, probe, resources, run, save_every, shard_size, targets, top_k",
     ),
     (
         _set("targets.0.poolng", "avg"),
@@ -263,12 +284,14 @@ def test_planning_an_openai_run_needs_no_api_key(monkeypatch: pytest.MonkeyPatch
 
 
 def test_llm_model_defaults_per_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert validate_config(demo(llm={"backend": "local"}))["llm"]["model"] == (
-        "Qwen/Qwen2.5-3B-Instruct"
-    )
+    local = validate_config(demo(llm={"backend": "local"}))
+    assert derive(local).llm_model == "Qwen/Qwen2.5-3B-Instruct"
+    assert local["llm"]["model"] is None  # derived, never written back into the config
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
     cfg = validate_config(demo(llm={"backend": "openai"}))
-    assert cfg["llm"]["model"] == "gpt-4o-mini" and cfg["llm"]["api_key_env"] == "OPENAI_API_KEY"
+    assert derive(cfg).llm_model == "gpt-4o-mini" and cfg["llm"]["api_key_env"] == "OPENAI_API_KEY"
+    named = validate_config(demo(llm={"backend": "openai", "model": "my-model"}))
+    assert derive(named).llm_model == "my-model"
     keyless = demo(llm={"backend": "openai", "api_key_env": None, "base_url": "http://h:8000/v1"})
     monkeypatch.delenv("OPENAI_API_KEY")
     assert validate_config(keyless)["llm"]["base_url"] == "http://h:8000/v1"
@@ -276,12 +299,12 @@ def test_llm_model_defaults_per_backend(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_llm_jobs_run_on_the_head_node_only_for_an_api(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
-    assert validate_config(demo(llm={"backend": "openai"}))["llm"]["run_on"] == "head"
-    assert validate_config(demo(llm={"backend": "local"}))["llm"]["run_on"] == "compute"
+    assert derive(validate_config(demo(llm={"backend": "openai"}))).llm_on_head
+    assert not derive(validate_config(demo(llm={"backend": "local"}))).llm_on_head
     in_cluster = demo(
         llm={"backend": "openai", "base_url": "http://vllm:8000/v1", "run_on": "compute"}
     )
-    assert validate_config(in_cluster)["llm"]["run_on"] == "compute"
+    assert not derive(validate_config(in_cluster)).llm_on_head
     with pytest.raises(ConfigError, match=r"'llm\.run_on': `head` would run the local chat model"):
         validate_config(demo(llm={"backend": "local", "run_on": "head"}))
 

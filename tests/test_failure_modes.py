@@ -170,16 +170,15 @@ def test_a_failed_neuron_is_in_the_table_and_in_the_end_of_run_summary(tmp_path:
 
     tables = _chunk_tables(tmp_path / "results")
     out = tmp_path / "results" / "descriptions.parquet"
+    details = tmp_path / "results" / "descriptions" / "dnd"
     write_descriptions(
-        tables["exemplars"],
+        tables.pop("exemplars"),
+        {"dnd": tables},
         {"m": "torchvision:resnet18@IMAGENET1K_V1"},
         ["topk", "dnd"],
         out,
         out.with_suffix(".csv"),
-        captions=tables["captions"],
-        concepts=tables["concepts"],
-        synthesis=tables["synthesis"],
-        scores=tables["scores"],
+        {"dnd": {"parquet": details.with_suffix(".parquet"), "csv": details.with_suffix(".csv")}},
     )
     table = pd.read_parquet(out).set_index(["method", "neuron"])
     assert (table.loc["dnd", 0]["status"], table.loc["dnd", 0]["label"]) == ("ok", "red thing")

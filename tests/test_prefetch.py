@@ -61,8 +61,10 @@ def test_prefetch_lists_every_model_the_config_uses_and_only_those(tmp_path: Pat
     cfg = _dnd_config(
         captioner={"backend": "blip", "model": str(folder)},
         llm={"backend": "local", "model": "Qwen/Qwen2.5-0.5B-Instruct"},
-        synthesizer={"backend": "diffusers", "model": "stabilityai/sd-turbo"},
-        scoring={"similarity": {"backend": "clip", "model": "openai/clip-vit-base-patch16"}},
+        dnd={
+            "synthesizer": {"backend": "diffusers", "model": "stabilityai/sd-turbo"},
+            "scoring": {"similarity": {"backend": "clip", "model": "openai/clip-vit-base-patch16"}},
+        },
     )
     base = cfg["targets"][0]
     cfg["targets"] = [
@@ -225,7 +227,7 @@ def _online_env(hub: FakeHub, hf_home: Path) -> dict[str, str]:
 
 
 def _prefetch(refs: list[ModelRef], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    args = json.dumps({"models": [r.to_dict() for r in refs]})
+    args = json.dumps({"refs": [r.to_dict() for r in refs]})
     return subprocess.run(
         [sys.executable, "-m", "neuroscribe", "prefetch", args],
         capture_output=True,
@@ -305,7 +307,7 @@ def test_prefetch_reports_each_model_it_could_not_get(hub: FakeHub, empty_hf_hom
 def test_snakemake_prefetch_downloads_the_configured_models(
     hub: FakeHub, tmp_path: Path, empty_hf_home: Path
 ) -> None:
-    cfg = _dnd_config(scoring={"similarity": {"backend": "clip", "model": CLIP_ID}})
+    cfg = _dnd_config(dnd={"scoring": {"similarity": {"backend": "clip", "model": CLIP_ID}}})
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
     proc = run_snakemake(tmp_path, config, "prefetch", env=_online_env(hub, empty_hf_home))

@@ -7,11 +7,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import yaml
-
 from conftest import REPO
+from neuroscribe.config import config_schema
 
-SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+# the composed schema: the workflow's keys and each registered method's section and stages
+SCHEMA = config_schema()
 README = (REPO / "README.md").read_text()
 
 
@@ -50,14 +50,14 @@ def test_each_section_row_names_every_key_of_its_section() -> None:
     sections = {
         "captioner": _properties(SCHEMA["properties"]["captioner"]),
         "llm": _properties(SCHEMA["properties"]["llm"]),
-        "synthesizer": _properties(SCHEMA["properties"]["synthesizer"]),
-        "scoring": _properties(SCHEMA["properties"]["scoring"]),
+        "dnd": _properties(SCHEMA["properties"]["dnd"]),
     }
     for name, keys in sections.items():
         missing = set(keys) - _named(table[name])
         assert not missing, f"README row `{name}` does not name {sorted(missing)}"
-    similarity = _properties(sections["scoring"]["similarity"])
-    assert set(similarity) <= _named(table["scoring"])
+    dnd = sections["dnd"]
+    for nested in (dnd["synthesizer"], dnd["scoring"], dnd["scoring"]["properties"]["similarity"]):
+        assert set(_properties(nested)) <= _named(table["dnd"])
     resources = _properties(SCHEMA["properties"]["resources"])
     stage_keys = set(_properties(next(iter(resources.values()))))
     assert set(resources) | stage_keys <= _named(table["resources.<stage>"])

@@ -43,7 +43,7 @@ def test_no_gpu_on_a_cpu_run_or_for_backends_without_a_model() -> None:
         device="cuda",
         captioner={"backend": "blip"},
         llm={"backend": "local"},
-        synthesizer={"backend": "diffusers"},
+        dnd={"synthesizer": {"backend": "diffusers"}},
     )
     models["probe"]["datasets"] = [{"name": "photos", "type": "folder", "path": str(REPO)}]
     models["resources"]["synthesis"]["gpus"] = 2

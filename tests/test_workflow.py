@@ -16,6 +16,7 @@ import yaml
 
 from conftest import REPO, run_snakemake, workflow_env
 from neuroscribe.demo.world import SHAPES
+from neuroscribe.methods import KEY
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +95,15 @@ def test_full_run_writes_the_table(finished: tuple[Path, Path]) -> None:
         assert sorted(fc["neuron"]) == list(range(7))
     dnd = table[table.method == "dnd"]
     assert dnd["label"].notna().all() and dnd["labels"].map(len).between(1, 3).all()
-    assert (dnd["captions"].map(len) == 5).all() and dnd["candidates"].map(len).ge(1).all()
+    # DnD's details are in its own table, one row per neuron, joined on (model, layer, neuron)
+    details = pd.read_parquet(results / "descriptions" / "dnd.parquet")
+    assert len(details) == len(dnd) and set(map(tuple, details[KEY].values)) == set(
+        map(tuple, dnd[KEY].values)
+    )
+    assert (details["captions"].map(len) == 5).all()
+    assert details["candidates"].map(len).ge(1).all()
+    assert "candidates" not in table.columns and "captions" not in table.columns
+    assert len(pd.read_csv(results / "descriptions" / "dnd.csv")) == len(details)
     assert all(row["label"] == row["labels"][0] for _, row in dnd.iterrows())
     assert (dnd["status"] == "ok").all() and dnd["error"].isna().all()
     # the models that ran, as their stages recorded them, and nothing that did not run
@@ -236,7 +245,7 @@ def test_a_changed_setting_reruns_the_jobs_it_changes_and_no_others(
     cfg = yaml.safe_load(config.read_text())
     # a setting of the scores only: their jobs and what reads them, nothing upstream
     changed = tmp_path / "beta.yaml"
-    changed.write_text(yaml.safe_dump(cfg | {"scoring": {"beta": 3}}))
+    changed.write_text(yaml.safe_dump(cfg | {"dnd": cfg["dnd"] | {"scoring": {"beta": 3}}}))
     dry = run_snakemake(workdir, changed, "-n", env=job_env)
     assert _job_counts(dry.stdout + dry.stderr) == {
         "scores": 3,
@@ -275,11 +284,11 @@ def test_plan_prints_a_summary_and_writes_plan_json(
         "scores": 3,
         "describe": 1,
     }
-    observed = plan["estimates"]["synthesis"]["observed"]
+    observed = plan["estimates"]["dnd"]["synthesis"]["observed"]
     assert observed["neurons"] == 39 and observed["distinct_prompts"] <= observed["candidates"]
     assert observed["images"] == observed["distinct_prompts"] * 10
-    assert plan["estimates"]["exemplars_to_caption"] == 39 * 5
-    assert plan["estimates"]["llm"]["requests"] == 0  # backend none
+    assert plan["estimates"]["dnd"]["exemplars_to_caption"] == 39 * 5
+    assert plan["estimates"]["dnd"]["llm"]["requests"] == 0  # backend none
     assert "exemplars to caption: ≤195 images and crops" in proc.stdout
 
 
@@ -322,15 +331,18 @@ def test_the_full_pipeline_on_tiny_foundation_models(tmp_path: Path) -> None:
     cfg["probe"]["datasets"][0]["n_images"] = 40
     cfg |= {"run": "tiny", "shard_size": 40, "chunk_size": 16, "top_k": 4}
     cfg["captioner"] = {"backend": "blip", "model": str(blip), "max_new_tokens": 6}
-    cfg["synthesizer"] = {
-        "backend": "diffusers",
-        "model": str(sd),
-        "steps": 2,
-        "size": 32,
-        "images_per_concept": 2,
-        "batch_size": 16,
+    cfg["dnd"] = {
+        "neurons_per_request": 4,
+        "synthesizer": {
+            "backend": "diffusers",
+            "model": str(sd),
+            "steps": 2,
+            "size": 32,
+            "images_per_concept": 2,
+            "batch_size": 16,
+        },
+        "scoring": {"similarity": {"backend": "clip", "model": str(clip)}},
     }
-    cfg["scoring"] = {"similarity": {"backend": "clip", "model": str(clip)}}
     cfg["resources"] |= {"synthesis": {"gpus": 0}, "scores": {"gpus": 0}}
     env = workflow_env() | {"NEUROSCRIBE_TEST_KEY": "sk-never-logged-42"}
     with fake_openai(default=labeller) as server:
@@ -339,7 +351,6 @@ def test_the_full_pipeline_on_tiny_foundation_models(tmp_path: Path) -> None:
             "model": "fake-model",
             "base_url": server.base_url,
             "api_key_env": "NEUROSCRIBE_TEST_KEY",
-            "neurons_per_request": 4,
         }
         config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump(cfg))
@@ -362,7 +373,11 @@ def test_the_full_pipeline_on_tiny_foundation_models(tmp_path: Path) -> None:
         table = pd.read_parquet(results / "descriptions.parquet")
         dnd = table[table.method == "dnd"]
         assert len(dnd) == 32 and dnd["label"].notna().all()
-        assert all(row["label"] in list(row["candidates"]) for _, row in dnd.iterrows())
+        details = pd.read_parquet(results / "descriptions" / "dnd.parquet").set_index(KEY)
+        assert all(
+            row["label"] in list(details.loc[tuple(row[KEY])]["candidates"])
+            for _, row in dnd.iterrows()
+        )
         models = json.loads(dnd["models"].iloc[0])
         assert models["synthesizer"] == (
             f"diffusers:{sd}:steps=2:guidance=7.5:size=32:scheduler=default:dtype=float32"

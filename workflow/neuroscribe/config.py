@@ -1,8 +1,10 @@
-"""Config validation (JSON schema via `snakemake.utils.validate`) and the typed records built from it."""
+"""Config validation (JSON schema, with every registered method's section) and the typed records built from it."""
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,6 @@ import jsonschema
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 FILELIST_SUFFIXES = (".csv", ".parquet")
-# the chat model each llm backend uses when the config names none
-DEFAULT_LLM_MODELS = {"local": "Qwen/Qwen2.5-3B-Instruct", "openai": "gpt-4o-mini", "none": None}
 
 
 NO_CONFIG = (
@@ -110,23 +110,145 @@ class DatasetSpec:
         return cls(**data)
 
 
+# keys that moved into a method's own section: (old path) -> where they live now
+MOVED_KEYS = {
+    ("llm", "candidates"): "dnd.candidates",
+    ("llm", "prompt_mode"): "dnd.prompt_mode",
+    ("llm", "neurons_per_request"): "dnd.neurons_per_request",
+    ("llm", "temperature"): "dnd.temperature",
+    ("llm", "max_tokens"): "dnd.max_tokens",
+    ("synthesizer",): "dnd.synthesizer",
+    ("scoring",): "dnd.scoring",
+}
+# rules of the workflow itself: a method's stage may not take one of their names
+CORE_STAGES = (
+    "manifest",
+    "train",
+    "activations",
+    "merge",
+    "exemplars",
+    "describe",
+    "evaluate",
+    "plan",
+)
+
+
+def _check_moved(config: dict[str, Any]) -> None:
+    for path, now in MOVED_KEYS.items():
+        node: Any = config
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(
+                f"config key '{'.'.join(path)}' has moved: it is now '{now}' (the settings only "
+                f"Describe-and-Dissect uses live in its `dnd:` section); move it there"
+            )
+
+
+def config_schema() -> dict[str, Any]:
+    """The config schema with every registered method: its name among the allowed `methods`,
+    its section (its own schema) and its stages' `resources` entries with their defaults."""
+    from neuroscribe import methods
+
+    schema = copy.deepcopy(_base_schema())
+    props = schema["properties"]
+    names = list(methods.registered())
+    props["methods"]["items"]["enum"] = names
+    seen = dict.fromkeys(CORE_STAGES, "the workflow")
+    for name in names:
+        method = methods.get(name)
+        if name in props:
+            raise ConfigError(f"method {name!r} is named like the config key '{name}'; rename it")
+        if method.config_schema is not None:
+            section = _read_yaml(method.config_schema)
+            # a subschema naming its own dialect would be checked by a plain validator, one
+            # that fills in no defaults
+            section.pop("$schema", None)
+            props[name] = section | {"default": section.get("default", {})}
+        for stage in method.stages:
+            if stage.name in seen:
+                raise ConfigError(
+                    f"method {name!r} has a stage {stage.name!r}, a name {seen[stage.name]} "
+                    "already uses; rename the stage"
+                )
+            seen[stage.name] = f"method {name!r}"
+            props["resources"]["properties"][stage.name] = {
+                "type": "object",
+                "additionalProperties": False,
+                "default": {},
+                "properties": {
+                    key: {"$ref": f"#/$defs/{key}", "default": stage.resources.get(key)}
+                    for key in ("mem_mb", "runtime", "cpus", "gpus")
+                },
+            }
+    return schema
+
+
+@functools.cache
+def _base_schema() -> dict[str, Any]:
+    return _read_yaml(SCHEMA_PATH)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    """A validator that fills in defaults as it descends (the jsonschema FAQ's recipe, which
+    `snakemake.utils.validate` also uses; that one takes a schema file, not a composed schema)."""
+    base = jsonschema.Draft202012Validator
+    check_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator: Any, properties: Any, instance: Any, sub: Any) -> Any:
+        for name, prop in properties.items():
+            if "default" in prop and isinstance(instance, dict):
+                instance.setdefault(name, copy.deepcopy(prop["default"]))
+        yield from check_properties(validator, properties, instance, sub)
+
+    return jsonschema.validators.extend(base, {"properties": set_defaults})(schema)
+
+
 def validate_config(config: dict[str, Any], check_paths: bool = True) -> dict[str, Any]:
     """Validate `config` in place against the schema (filling defaults), then check what a
-    schema cannot (unique names, existing paths). Raises ConfigError with a readable message."""
-    from snakemake.exceptions import WorkflowError
-    from snakemake.utils import validate
-
+    schema cannot (unique names, existing paths). Raises ConfigError with a readable message.
+    Values are never rewritten: what is derived from them is `derive`'s job."""
     if not config:
         raise ConfigError(NO_CONFIG)
+    _check_moved(config)
     try:
-        validate(config, str(SCHEMA_PATH))
-    except WorkflowError as exc:
-        cause = exc.__context__
-        if isinstance(cause, jsonschema.ValidationError):
-            raise ConfigError(format_validation_error(cause)) from None
-        raise
+        _validator(config_schema()).validate(config)
+    except jsonschema.ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
     _check_semantics(config, check_paths)
     return config
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What the workflow derives from a validated config (never written back into it)."""
+
+    llm_model: str | None  # `llm.model`, or the backend's default model
+    llm_on_head: bool  # LLM API calls run where snakemake runs, not on compute nodes
+
+    def llm(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The `llm` section a job gets: the model filled in; where it runs left out, because
+        moving a job must not rerun it."""
+        section = {k: v for k, v in config["llm"].items() if k != "run_on"}
+        return section | {"model": self.llm_model}
+
+
+def derive(config: dict[str, Any]) -> Derived:
+    llm = config["llm"]
+    defaults = _base_schema()["properties"]["llm"]["properties"]["model"]["x-backend-defaults"]
+    run_on = llm["run_on"]
+    if run_on == "auto":
+        run_on = "head" if llm["backend"] == "openai" else "compute"
+    return Derived(
+        llm_model=llm["model"] if llm["model"] is not None else defaults.get(llm["backend"]),
+        llm_on_head=run_on == "head",
+    )
 
 
 def run_name(config: dict[str, Any]) -> str:
@@ -297,41 +419,22 @@ def looks_like_path(ref: str) -> bool:
 
 
 def _check_roles(config: dict[str, Any], check_paths: bool) -> None:
+    from neuroscribe import methods
+
     llm = config["llm"]
-    if llm["model"] is None:
-        llm["model"] = DEFAULT_LLM_MODELS[llm["backend"]]
-    if llm["run_on"] == "auto":
-        llm["run_on"] = "head" if llm["backend"] == "openai" else "compute"
     if llm["run_on"] == "head" and llm["backend"] == "local":
         raise ConfigError(
             "config key 'llm.run_on': `head` would run the local chat model on the machine "
             "running snakemake (a login node); use `compute`, or serve the model (e.g. vLLM) "
             "and use backend `openai`"
         )
-    if "dnd" not in config["methods"]:
-        return
-    captioner = config["captioner"]
-    if captioner["backend"] == "annotations":
-        plain = [d["name"] for d in config["probe"]["datasets"] if d["type"] != "demo"]
-        if plain:
-            raise ConfigError(
-                "config key 'captioner.backend': `annotations` needs probe datasets that ship "
-                f"captions, and {plain} do not (only demo datasets do); use `blip`"
-            )
-    folders = {
-        "captioner.model": captioner["model"] if captioner["backend"] == "blip" else None,
-        "llm.model": llm["model"] if llm["backend"] == "local" else None,
-        "synthesizer.model": (
-            config["synthesizer"]["model"]
-            if config["synthesizer"]["backend"] == "diffusers"
-            else None
-        ),
-        "scoring.similarity.model": (
-            config["scoring"]["similarity"]["model"]
-            if config["scoring"]["similarity"]["backend"] == "clip"
-            else None
-        ),
-    }
+    for method in methods.enabled(config):
+        if method.check_config is not None:
+            method.check_config(config, check_paths)
+
+
+def check_model_folders(folders: dict[str, str | None], check_paths: bool) -> None:
+    """Each role model given as a local path must be an existing folder ({config key: model})."""
     for key, model in folders.items():
         if (
             check_paths

@@ -20,22 +20,23 @@ from neuroscribe.config import (
     validate_config,
 )
 from neuroscribe.inspection import check_layers, inspect_target, output_layer
+from neuroscribe.paths import RunPaths
 from neuroscribe.probe import survey_probe
 
-# On a cluster each chunk is two jobs, not five: `propose` (exemplars, captions, concepts) and
-# `select` (synthesis, scores); profiles/slurm packs several chunks into one job per group.
-CHUNK_GROUPS = {
-    "exemplars": "propose",
-    "captions": "propose",
-    "concepts": "propose",
-    "synthesis": "select",
-    "scores": "select",
-}
+# On a cluster each chunk is two jobs: `propose` (exemplars and the stages that read them
+# directly) and `select` (the stages after); profiles/slurm packs several chunks into one job
+# per group. Each method's stages name their group.
+EXEMPLARS_GROUP = "propose"
 
 
-def trained_weights(results: str, model: str) -> str:
-    """Where the workflow writes the weights of a target it trains itself."""
-    return f"{results}/models/{model}.pt"
+def chunk_groups(config: dict[str, Any]) -> dict[str, str]:
+    """The cluster job group of every per-chunk stage (exemplars and the methods' stages)."""
+    from neuroscribe import methods
+
+    groups = {"exemplars": EXEMPLARS_GROUP}
+    for name, stage in methods.all_stages(config).items():
+        groups[name] = stage.group
+    return groups
 
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -83,6 +84,7 @@ class Chunk:
 class Layout:
     run: str
     results: str
+    paths: RunPaths
     targets: dict[str, TargetSpec]
     datasets: list[DatasetSpec]
     layer_sizes: dict[str, dict[str, int]]
@@ -109,8 +111,9 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
     layer shapes come from a cached inspection of the model, image counts from a file listing."""
     validate_config(config)
     results = f"{Path(results_root).as_posix()}/{run_name(config)}"
+    paths = RunPaths(results)
     targets = {
-        t.name: replace(t, weights=trained_weights(results, t.name)) if t.train else t
+        t.name: replace(t, weights=paths.trained_weights(t.name)) if t.train else t
         for t in targets_from_config(config)
     }
     layer_sizes: dict[str, dict[str, int]] = {}
@@ -119,7 +122,7 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
     spatial_layers: dict[str, set[str]] = {}
     size = config["chunk_size"]
     for ti, target in enumerate(targets.values()):
-        modules = inspect_target(target, f"{results}/inspect")
+        modules = inspect_target(target, paths.inspect)
         sizes = check_layers(target, modules)
         output_layers[target.name] = output_layer(modules)
         layer_sizes[target.name] = sizes
@@ -143,6 +146,7 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
     return Layout(
         run=run_name(config),
         results=results,
+        paths=paths,
         targets=targets,
         datasets=datasets,
         layer_sizes=layer_sizes,

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from neuroscribe import methods
 from neuroscribe.fanout import Layout
+from neuroscribe.io import write_json
+from neuroscribe.paths import RunPaths
 from neuroscribe.weights import configured_weights_file
 
-# pipeline order, for printing (the plan travels as sorted JSON)
-STAGES = (
+# the workflow's own stages in pipeline order, for printing (the plan travels as sorted JSON);
+# each method's stages come after the exemplars, in its order
+CORE_BEFORE = (
     "render_demo_probe",
     "train_demo_target",
     "check_weights",
@@ -17,34 +22,8 @@ STAGES = (
     "activations",
     "merge_activations",
     "exemplars",
-    "captions",
-    "concepts",
-    "synthesis",
-    "scores",
-    "describe",
 )
-
-# rough token sizes for the LLM estimates (BLIP captions are ~10 words)
-CAPTION_TOKENS = 15
-LABEL_TOKENS = 8
-
-
-def llm_estimate(neurons: int, top_k: int, llm: dict[str, Any]) -> dict[str, int]:
-    """Requests and tokens the concept stage will make for `neurons` (upper bounds, no cache)."""
-    n = llm["candidates"]
-    if llm["backend"] == "none":
-        return {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
-    if llm["prompt_mode"] == "reference":
-        # K caption simplifications and N summaries per neuron (a re-summary now and then)
-        requests = neurons * (top_k + n)
-        prompt = neurons * (top_k * (90 + 2 * CAPTION_TOKENS) + n * (260 + top_k * LABEL_TOKENS))
-        completion = requests * LABEL_TOKENS
-    else:
-        per = llm["neurons_per_request"]
-        requests = -(-neurons // per)
-        prompt = requests * 150 + neurons * (10 + top_k * (CAPTION_TOKENS + 3))
-        completion = requests * 15 + neurons * (10 + n * LABEL_TOKENS)
-    return {"requests": requests, "prompt_tokens": prompt, "completion_tokens": completion}
+CORE_AFTER = ("describe",)
 
 
 def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
@@ -73,46 +52,20 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
         "describe": 1,
     }
     n_neurons = sum(len(c.neurons) for c in layout.all_chunks())
-    top_k = config["top_k"]
     estimates: dict[str, Any] = {"target_forward_images": layout.n_candidates * n_targets}
-    if "dnd" in config["methods"]:
-        jobs |= {
-            "captions": n_chunks,
-            "concepts": n_chunks,
-            "synthesis": n_chunks,
-            "scores": n_chunks,
-        }
-        for model_layers in layers.values():
-            for info in model_layers.values():
-                described = info["neurons_described"]
-                info["exemplars_to_caption"] = described * top_k
-                info["llm"] = llm_estimate(described, top_k, config["llm"])
-        estimates["exemplars_to_caption"] = n_neurons * top_k
-        estimates["llm"] = llm_estimate(n_neurons, top_k, config["llm"]) | {
-            "backend": config["llm"]["backend"],
-            "model": config["llm"]["model"],
-            "prompt_mode": config["llm"]["prompt_mode"],
-        }
-        synth = config["synthesizer"]
-        # upper bounds: every candidate distinct; the concepts files give the real count
-        prompts = n_neurons * config["llm"]["candidates"]
-        images = prompts * synth["images_per_concept"]
-        estimates["synthesis"] = {
-            "backend": synth["backend"],
-            "prompts_at_most": prompts,
-            "images_at_most": images,
-            "denoising_steps_at_most": images * synth["steps"]
-            if synth["backend"] == "diffusers"
-            else 0,
-        }
-        estimates["scoring"] = {
-            "target_forward_images_at_most": images,
-            "similarity_forward_images_at_most": images + n_neurons * top_k,
-        }
+    for method in methods.enabled(config):
+        jobs |= {stage.name: n_chunks for stage in method.stages}
+        if method.plan is None:
+            continue
+        planned = method.plan(layout, config)
+        estimates[method.name] = planned["estimates"]
+        for (model, layer), info in planned["layers"].items():
+            layers[model][layer][method.name] = info
     return {
         "run": layout.run,
         "results": layout.results,
         "methods": config["methods"],
+        "stage_order": stage_order(config),
         "probe": {
             "files": layout.n_candidates,
             # by extension: other files (a README, a CSV) will most likely be rejected
@@ -132,7 +85,35 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def cluster_jobs(jobs: dict[str, int], cluster: dict[str, Any]) -> dict[str, Any]:
+def stage_order(config: dict[str, Any]) -> list[str]:
+    """Every rule of the run in pipeline order."""
+    stages = [s.name for m in methods.enabled(config) for s in m.stages]
+    return [*CORE_BEFORE, *stages, *CORE_AFTER]
+
+
+def run_plan(
+    plan: dict[str, Any],
+    out: str,
+    resources: dict[str, dict[str, Any]],
+    cluster: dict[str, Any] | None = None,
+) -> None:
+    """The `plan` stage: add what finished jobs tell (per method, and memory peaks), count the
+    cluster jobs of this invocation, write plan.json and print the summary."""
+    for name in plan["methods"]:
+        method = methods.get(name)
+        if method.observe is not None:
+            plan = method.observe(plan, plan["results"])
+    plan = observe_memory(plan, resources)
+    if cluster is not None:
+        plan["cluster"] = cluster_jobs(plan["jobs"], cluster, plan["stage_order"])
+    write_json(plan, out)
+    print(format_plan(plan))
+    for warning in memory_warnings(plan):
+        print(warning)
+    print(f"plan written to {out}")
+
+
+def cluster_jobs(jobs: dict[str, int], cluster: dict[str, Any], order: list[str]) -> dict[str, Any]:
     """The jobs a run submits to the cluster, per stage or group of stages, with the executor
     and profile of this invocation: local rules submit none, and a group submits one job per
     `group-components` of its connected parts (one per chunk for the chunk groups)."""
@@ -146,7 +127,7 @@ def cluster_jobs(jobs: dict[str, int], cluster: dict[str, Any]) -> dict[str, Any
     submitted: dict[str, int] = {}
     grouped: dict[str, list[str]] = {}
     on_head = []
-    for stage in sorted(jobs, key=_stage_order):
+    for stage in sorted(jobs, key=lambda s: _position(order, s)):
         group = cluster["groups"].get(stage)
         if stage in cluster["local"]:
             on_head.append(stage)
@@ -166,8 +147,8 @@ def cluster_jobs(jobs: dict[str, int], cluster: dict[str, Any]) -> dict[str, Any
     }
 
 
-def _stage_order(stage: str) -> int:
-    return STAGES.index(stage) if stage in STAGES else len(STAGES)
+def _position(order: list[str], stage: str) -> int:
+    return order.index(stage) if stage in order else len(order)
 
 
 def _format_cluster(cluster: dict[str, Any]) -> list[str]:
@@ -208,7 +189,7 @@ def format_plan(plan: dict[str, Any]) -> str:
             )
     lines.append(f"  total: {plan['neurons']} neurons")
     lines.append("  jobs per stage:")
-    for stage in sorted(plan["jobs"], key=_stage_order):
+    for stage in sorted(plan["jobs"], key=lambda s: _position(plan["stage_order"], s)):
         count = plan["jobs"][stage]
         lines.append(f"    {stage:<20} {count:>7}")
     lines.append(f"    {'total':<20} {plan['total_jobs']:>7}")
@@ -216,102 +197,34 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines += _format_cluster(plan["cluster"])
     estimates = plan["estimates"]
     lines.append(f"  target forward passes: {estimates['target_forward_images']} images")
-    if "exemplars_to_caption" in estimates:
-        llm = estimates["llm"]
-        lines.append(
-            f"  exemplars to caption: ≤{estimates['exemplars_to_caption']} images and crops "
-            "(each distinct one captioned once)"
-        )
-        if llm["backend"] == "none":
-            lines.append("  LLM: none (candidates are the captions' own phrases; no requests)")
-        else:
-            lines.append(
-                f"  LLM ({llm['backend']}, {llm['model']}, {llm['prompt_mode']}): "
-                f"≤{llm['requests']} requests, ~{llm['prompt_tokens']} prompt + "
-                f"~{llm['completion_tokens']} completion tokens (before cache hits)"
-            )
-    if "synthesis" in estimates:
-        synth, scoring = estimates["synthesis"], estimates["scoring"]
-        seen = synth.get("observed")
-        lines.append(
-            f"  synthesis ({synth['backend']}): ≤{synth['prompts_at_most']} prompts, "
-            f"≤{synth['images_at_most']} images"
-            + (
-                f", ≤{synth['denoising_steps_at_most']} denoising steps"
-                if synth["denoising_steps_at_most"]
-                else ""
-            )
-            + " before de-duplication"
-        )
-        if seen:
-            lines.append(
-                f"    from {seen['chunks']} finished concept chunk(s): {seen['distinct_prompts']} "
-                f"distinct prompts of {seen['candidates']} candidates, "
-                f"{seen['images']} images ({seen['images_per_neuron']:.1f} per neuron)"
-            )
-        lines.append(
-            f"  scoring: ≤{scoring['target_forward_images_at_most']} target and "
-            f"≤{scoring['similarity_forward_images_at_most']} similarity forward images"
-        )
+    for name in plan["methods"]:
+        method = methods.get(name)
+        if name in estimates and method.format_plan is not None:
+            lines += method.format_plan(estimates[name])
     return "\n".join(lines)
 
 
-def observe_concepts(plan: dict[str, Any], images_per_concept: int) -> dict[str, Any]:
-    """Add what finished concept chunks say about de-duplication (run once, by `plan`)."""
-    import pyarrow.parquet as pq
-
-    if "synthesis" not in plan["estimates"]:
-        return plan
-    files = sorted(Path(plan["results"], "concepts").glob("*/*/*.parquet"))
-    if not files:
-        return plan
-    distinct: set[str] = set()
-    candidates = neurons = 0
-    for f in files:
-        column = pq.read_table(f, columns=["candidates"]).column("candidates").to_pylist()
-        neurons += len(column)
-        candidates += sum(len(c) for c in column)
-        distinct.update(c for cands in column for c in cands)
-    images = len(distinct) * images_per_concept
-    plan["estimates"]["synthesis"]["observed"] = {
-        "chunks": len(files),
-        "neurons": neurons,
-        "candidates": candidates,
-        "distinct_prompts": len(distinct),
-        "images": images,
-        "images_per_neuron": images / max(neurons, 1),
-    }
-    return plan
-
-
-# the stage (config `resources.<stage>`) of each rule that writes a benchmark file
+# rules whose `resources.<stage>` entry has another name; every other rule's is its own name
 RULE_STAGES = {
     "probe_manifest": "manifest",
     "train_demo_target": "train",
-    "activations": "activations",
     "merge_activations": "merge",
-    "exemplars": "exemplars",
-    "captions": "captions",
-    "concepts": "concepts",
-    "synthesis": "synthesis",
-    "scores": "scores",
-    "describe": "describe",
 }
 # warn when a measured peak comes this close to the request: the next, slightly larger chunk
 # or layer is killed for memory and retried with more (on SLURM, an out-of-memory retry loop)
 MEMORY_MARGIN = 0.10
 
 
-def _benchmark_peaks(results: str | Path) -> dict[str, tuple[float, str]]:
+def _benchmark_peaks(results: str | Path, stages: Iterable[str]) -> dict[str, tuple[float, str]]:
     """The highest `max_rss` (MB) each stage's finished jobs reached, with the job's file."""
     import csv
 
     peaks: dict[str, tuple[float, str]] = {}
-    root = Path(results, "benchmarks")
+    root = Path(RunPaths(str(results)).benchmarks)
     for path in sorted(root.rglob("*.tsv")):
         rule = path.relative_to(root).parts[0].removesuffix(".tsv")
-        stage = RULE_STAGES.get(rule)
-        if stage is None:
+        stage = RULE_STAGES.get(rule, rule)
+        if stage not in stages:
             continue
         with open(path, newline="") as f:
             for row in csv.DictReader(f, delimiter="\t"):
@@ -328,7 +241,7 @@ def observe_memory(plan: dict[str, Any], resources: dict[str, dict[str, Any]]) -
     """Compare each stage's measured peak memory (benchmark files of finished jobs) with its
     request, and list the stages that came within MEMORY_MARGIN of it (run once, by `plan`)."""
     measured = {}
-    for stage, (peak, job) in _benchmark_peaks(plan["results"]).items():
+    for stage, (peak, job) in _benchmark_peaks(plan["results"], resources).items():
         asked = resources[stage]["mem_mb"]
         measured[stage] = {
             "peak_mb": round(peak, 1),
@@ -344,7 +257,8 @@ def observe_memory(plan: dict[str, Any], resources: dict[str, dict[str, Any]]) -
 def memory_warnings(plan: dict[str, Any]) -> list[str]:
     lines = []
     memory = plan.get("memory", {})
-    for stage in sorted(memory, key=lambda s: list(RULE_STAGES.values()).index(s)):
+    rules = {RULE_STAGES.get(r, r): i for i, r in enumerate(plan.get("stage_order", []))}
+    for stage in sorted(memory, key=lambda s: rules.get(s, len(rules))):
         m = memory[stage]
         if not m["tight"]:
             continue

@@ -81,7 +81,7 @@ def _is_local(model: str) -> bool:
     return looks_like_path(model) or Path(model).expanduser().exists()
 
 
-def _hub_or_local(role: str, model: str, source: str) -> ModelRef:
+def hub_or_local(role: str, model: str, source: str) -> ModelRef:
     return ModelRef(role, model, LOCAL if _is_local(model) else source)
 
 
@@ -92,26 +92,27 @@ def _target_ref(target: TargetSpec) -> ModelRef | None:
     if target.kind == "timm" and target.weights == "pretrained":
         return ModelRef(role, target.ref, TIMM)
     if target.kind == "hf":
-        return _hub_or_local(role, target.ref, HF)
+        return hub_or_local(role, target.ref, HF)
     if target.weights and not target.train and target.kind in ("timm", "python"):
         return ModelRef(role, target.weights, LOCAL)
     return None  # no weights, or weights the workflow trains itself
 
 
 def models_to_fetch(config: dict[str, Any], targets: Iterable[TargetSpec]) -> list[ModelRef]:
-    """Every model a validated config names, in the roles it actually uses."""
+    """Every model a validated config names, in the roles its enabled methods actually use."""
+    from neuroscribe import methods
+    from neuroscribe.config import derive
+
     refs = [ref for t in targets if (ref := _target_ref(t)) is not None]
-    if "dnd" not in config["methods"]:
-        return refs  # the captioner, llm, synthesizer and similarity serve only dnd
-    if config["captioner"]["backend"] == "blip":
-        refs.append(_hub_or_local("captioner", config["captioner"]["model"], HF))
-    if config["llm"]["backend"] == "local":
-        refs.append(_hub_or_local("llm", config["llm"]["model"], HF))
-    if config["synthesizer"]["backend"] == "diffusers":
-        refs.append(_hub_or_local("synthesizer", config["synthesizer"]["model"], DIFFUSERS))
-    similarity = config["scoring"]["similarity"]
-    if similarity["backend"] == "clip":
-        refs.append(_hub_or_local("similarity", similarity["model"], HF))
+    enabled = methods.enabled(config)
+    used = {role for method in enabled for role in method.roles}
+    if "captioner" in used and config["captioner"]["backend"] == "blip":
+        refs.append(hub_or_local("captioner", config["captioner"]["model"], HF))
+    if "llm" in used and config["llm"]["backend"] == "local":
+        refs.append(hub_or_local("llm", derive(config).llm_model, HF))
+    for method in enabled:
+        if method.models is not None:
+            refs += method.models(config)
     return refs
 
 

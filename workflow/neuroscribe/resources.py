@@ -15,16 +15,19 @@ from typing import Any
 DEFAULT_LIMITS = {"gpu": 1, "llm_api": 4}
 
 
+# stages of the workflow itself that run a model (the demo target trains on the CPU; manifest,
+# merge and describe run none)
+GPU_STAGES = ("activations", "exemplars")
+
+
 def stage_uses_gpu(config: dict[str, Any], stage: str) -> bool:
     """Whether the stage's backend computes anything on a GPU at all (device aside)."""
-    if stage == "captions":
-        return config["captioner"]["backend"] != "annotations"
-    if stage == "concepts":
-        return config["llm"]["backend"] == "local"  # an API or `none` needs no GPU here
-    if stage == "synthesis":
-        return config["synthesizer"]["backend"] != "procedural"
-    # the demo target trains on the CPU; manifest, merge and describe run no model
-    return stage in ("activations", "exemplars", "scores")
+    from neuroscribe import methods
+
+    method_stages = methods.all_stages(config)
+    if stage in method_stages:
+        return method_stages[stage].uses_gpu(config)
+    return stage in GPU_STAGES
 
 
 def stage_gpus(config: dict[str, Any], stage: str) -> int:

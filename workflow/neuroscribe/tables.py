@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,15 @@ class TableSchemaError(ValueError):
 
 
 @functools.cache
-def load_schema(name: str) -> dict[str, Any]:
-    return yaml.safe_load((SCHEMA_DIR / f"{name}.schema.yaml").read_text())
+def load_schema(name: str | Path) -> dict[str, Any]:
+    """Schema `name` of workflow/schemas/, or a schema file (a method's own tables)."""
+    path = Path(name) if isinstance(name, Path) else SCHEMA_DIR / f"{name}.schema.yaml"
+    return yaml.safe_load(path.read_text())
+
+
+def read_tables(files: Sequence[str | Path], columns: list[str] | None = None) -> pd.DataFrame:
+    """Chunk tables read and concatenated, in the order given."""
+    return pd.concat([pd.read_parquet(p, columns=columns) for p in files], ignore_index=True)
 
 
 def _arrow_type(prop: dict[str, Any]) -> tuple[pa.DataType, bool]:
@@ -44,7 +52,7 @@ def _arrow_type(prop: dict[str, Any]) -> tuple[pa.DataType, bool]:
     return _SCALARS[kind], nullable
 
 
-def arrow_schema(name: str) -> pa.Schema:
+def arrow_schema(name: str | Path) -> pa.Schema:
     """The Arrow schema a table's row schema describes (column order as in the schema file)."""
     schema = load_schema(name)
     fields = []
@@ -54,7 +62,7 @@ def arrow_schema(name: str) -> pa.Schema:
     return pa.schema(fields)
 
 
-def to_arrow(df: pd.DataFrame, name: str) -> pa.Table:
+def to_arrow(df: pd.DataFrame, name: str | Path) -> pa.Table:
     """Convert and check: exact columns, types, no nulls where not allowed, enums, unique keys."""
     schema = load_schema(name)
     expected = list(schema["properties"])
@@ -96,7 +104,7 @@ def to_arrow(df: pd.DataFrame, name: str) -> pa.Table:
     return table
 
 
-def write_table(df: pd.DataFrame, path: str | Path, name: str) -> pa.Table:
+def write_table(df: pd.DataFrame, path: str | Path, name: str | Path) -> pa.Table:
     """Check `df` against schema `name` and write it as Parquet, atomically."""
     table = to_arrow(df, name)
     write_arrow(table, path)

@@ -11,6 +11,7 @@ torch is imported inside the functions: config validation imports this module at
 
 from __future__ import annotations
 
+import logging
 import math
 import pickletools
 import zipfile
@@ -42,6 +43,8 @@ _STRING_OPS = {
     "SHORT_BINUNICODE",
     "BINUNICODE8",
 }
+
+log = logging.getLogger(__name__)
 
 
 class WeightsError(ConfigError):
@@ -377,4 +380,13 @@ def check_weights(target: TargetSpec, path: str | Path, out: str | Path) -> Weig
         bytes=path.stat().st_size,
     )
     write_json(asdict(record), out)
+    log.info(
+        "%s: %s (%s, %d tensors, %s values) fits %s",
+        record.target,
+        record.weights,
+        record.format,
+        record.tensors,
+        f"{record.parameters:,}",
+        record.spec,
+    )
     return record

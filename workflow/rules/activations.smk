@@ -1,14 +1,14 @@
 rule activations:
     input:
-        manifest=f"{RESULTS}/probe/manifest.parquet",
+        manifest=PATHS.manifest,
         weights=trained_weights_of,
         weights_check=weights_record_of,
     output:
-        f"{RESULTS}/activations/{{model}}/shard-{{shard}}.h5",
+        PATHS.shard(),
     log:
-        f"{RESULTS}/logs/activations/{{model}}/shard-{{shard}}.log",
+        PATHS.log("activations", "{model}", "shard-{shard}"),
     benchmark:
-        f"{RESULTS}/benchmarks/activations/{{model}}/shard-{{shard}}.tsv"
+        PATHS.benchmark("activations", "{model}", "shard-{shard}")
     conda:
         GPU_ENV
     threads: stage_resource("activations", "cpus")
@@ -41,11 +41,11 @@ rule merge_activations:
     input:
         shard_files,
     output:
-        f"{RESULTS}/activations/{{model}}/{{layer}}.h5",
+        PATHS.layer_file(),
     log:
-        f"{RESULTS}/logs/merge_activations/{{model}}/{{layer}}.log",
+        PATHS.log("merge_activations", "{model}", "{layer}"),
     benchmark:
-        f"{RESULTS}/benchmarks/merge_activations/{{model}}/{{layer}}.tsv"
+        PATHS.benchmark("merge_activations", "{model}", "{layer}")
     conda:
         CPU_ENV
     threads: stage_resource("merge", "cpus")
@@ -59,7 +59,7 @@ rule merge_activations:
             {
                 "shards": list(input),
                 "target": target_dict(w.model),
-                "layer": w.layer,
+                "layer": layer_target(w.model, w.layer)["layers"][0],
                 "out": output[0],
                 "top_k": config["top_k"],
             }

@@ -2,13 +2,15 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
+from neuroscribe import methods
+from neuroscribe.config import derive
 from neuroscribe.describe import failure_summary
-from neuroscribe.fanout import CHUNK_GROUPS, build_layout
+from neuroscribe.fanout import build_layout, chunk_groups
 from neuroscribe.plan import build_plan
-from neuroscribe.probe import demo_folder
 from neuroscribe.resources import DEFAULT_LIMITS, stage_gpus
 
 # No `configfile:` here: a default config would be merged under every --configfile, filling
@@ -18,6 +20,11 @@ from neuroscribe.resources import DEFAULT_LIMITS, stage_gpus
 STARTED = time.time()
 LAYOUT = build_layout(config)
 RESULTS = LAYOUT.results
+# every path under results/{run}/ (neuroscribe.paths)
+PATHS = LAYOUT.paths
+# what the config implies (llm model, where API calls run), derived once
+DERIVED = derive(config)
+METHODS = methods.enabled(config)
 CPU_ENV = "../../envs/cpu.yaml"
 GPU_ENV = "../../envs/gpu.yaml"
 # Jobs run the package with the interpreter running snakemake (which has just imported it), so
@@ -71,20 +78,6 @@ def largest_resize():
     return max(t.transform.resize for t in LAYOUT.targets.values())
 
 
-# Settings that are not results: a change must not rerun finished jobs.
-PERFORMANCE_KEYS = {
-    "batch_size",
-    "max_concurrency",
-    "max_attempts",
-    "timeout_s",
-    "run_on",
-}
-
-
-def _without_performance(section):
-    return {k: v for k, v in section.items() if k not in PERFORMANCE_KEYS}
-
-
 def result_settings(stage, wildcards):
     """Everything in the config that changes what a job of `stage` writes, as a param of its
     own: Snakemake reruns a job whose params changed, but only compares params that are not
@@ -108,26 +101,15 @@ def result_settings(stage, wildcards):
             }
             | compute
         )
-    if stage == "captions":
-        return as_json(
-            {"captioner": _without_performance(config["captioner"])} | compute
-        )
-    if stage == "concepts":
-        return as_json({"llm": _without_performance(config["llm"])} | compute)
-    if stage == "synthesis":
-        return as_json(
-            {"synthesizer": _without_performance(config["synthesizer"])} | compute
-        )
-    if stage == "scores":
-        return as_json(
-            {
-                "target": layer_target(w.model, w.layer),
-                "scoring": config["scoring"],
-                "top_k": config["top_k"],
-            }
-            | compute
-        )
-    raise ValueError(f"no result settings for stage {stage!r}")
+    # a method's stage: what its method says changes it, on this layer's chunk
+    method = methods.stage_owner(config, stage)
+    return as_json(
+        {
+            "method": method.settings(stage, config) if method.settings else None,
+            "target": layer_target(w.model, w.layer),
+        }
+        | compute
+    )
 
 
 def target_dict(model):
@@ -151,16 +133,17 @@ def demo_args(dataset, out_dir):
     ds = next(d for d in LAYOUT.datasets if d.name == dataset)
     return {
         "n_images": ds.n_images,
-        "image_size": ds.image_size,
+        "size": ds.image_size,
         "seed": ds.seed,
-        "out_dir": out_dir,
+        "root": out_dir,
     }
 
 
 def train_args(model, output):
     # the untrained architecture: the weights path is this rule's output
     target = LAYOUT.targets[model].to_dict() | {"weights": None}
-    return {"target": target, "out": output.weights, "metrics": output.metrics}
+    train = LAYOUT.targets[model].train
+    return {"target": target, "out": output.weights, "metrics": output.metrics} | train
 
 
 def trained_models():
@@ -169,14 +152,13 @@ def trained_models():
 
 def evaluation_outputs():
     """The ground-truth evaluation, when the workflow trained a target on its demo world."""
-    return [f"{RESULTS}/evaluation.parquet"] if trained_models() and demo_dirs() else []
+    return [PATHS.evaluation] if trained_models() and demo_dirs() else []
 
 
 def layer_files(model):
     """The merged activation file of every described layer of a model."""
     return {
-        layer: f"{RESULTS}/activations/{model}/{layer}.h5"
-        for layer in LAYOUT.layer_sizes[model]
+        layer: PATHS.layer_file(model, layer) for layer in LAYOUT.layer_sizes[model]
     }
 
 
@@ -184,11 +166,7 @@ def evaluate_args(input, output):
     return {
         "descriptions": input.descriptions,
         "manifest": input.manifest,
-        "worlds": [
-            [d.name, str(demo_folder(RESULTS, d))]
-            for d in LAYOUT.datasets
-            if d.type == "demo"
-        ],
+        "worlds": demo_world_pairs(),
         "targets": {
             model: {
                 "layers": layer_files(model),
@@ -206,15 +184,19 @@ def trained_weights_of(wildcards):
     return [target.weights] if target.train else []
 
 
+def demo_world_pairs():
+    """(dataset, folder) of each demo world the workflow renders."""
+    return [
+        [d.name, PATHS.demo_folder(d.name)] for d in LAYOUT.datasets if d.type == "demo"
+    ]
+
+
 def demo_dirs():
-    return [str(demo_folder(RESULTS, d)) for d in LAYOUT.datasets if d.type == "demo"]
+    return [folder for _, folder in demo_world_pairs()]
 
 
 def shard_files(wildcards):
-    return expand(
-        f"{RESULTS}/activations/{wildcards.model}/shard-{{shard:04d}}.h5",
-        shard=range(LAYOUT.n_shards),
-    )
+    return [PATHS.shard(wildcards.model, f"{s:04d}") for s in range(LAYOUT.n_shards)]
 
 
 def activation_outputs():
@@ -223,31 +205,21 @@ def activation_outputs():
         f
         for model in LAYOUT.targets
         for f in [
-            *expand(
-                f"{RESULTS}/activations/{model}/shard-{{shard:04d}}.h5",
-                shard=range(LAYOUT.n_shards),
-            ),
+            *shard_files(SimpleNamespace(model=model)),
             *layer_files(model).values(),
         ]
     ]
 
 
-def chunk_outputs(stage, suffix):
-    return [
-        f"{RESULTS}/{stage}/{c.model}/{c.layer}/{c.name}.{suffix}"
-        for c in LAYOUT.all_chunks()
-    ]
+def chunk_outputs(stage):
+    return [PATHS.chunk(stage, c.model, c.layer, c.name) for c in LAYOUT.all_chunks()]
 
 
 def annotation_world_pairs():
     """(dataset, folder) of each annotated demo world, when the captioner reads annotations."""
     if config["captioner"]["backend"] != "annotations":
         return []
-    return [
-        [d.name, str(demo_folder(RESULTS, d))]
-        for d in LAYOUT.datasets
-        if d.type == "demo"
-    ]
+    return demo_world_pairs()
 
 
 def annotation_worlds(wildcards):
@@ -268,20 +240,27 @@ def exemplar_gpus(wildcards):
     return gpus("exemplars") if has_crops(wildcards.model, wildcards.layer) else 0
 
 
-def concepts_on_head():
-    """Concept jobs run where snakemake runs when the LLM API is not reachable from the nodes."""
-    return "dnd" in config["methods"] and config["llm"]["run_on"] == "head"
+def on_head(stage):
+    """A stage that calls the LLM API runs where snakemake runs when the compute nodes cannot
+    reach the API (llm.run_on)."""
+    return methods.all_stages(config)[stage].calls_llm_api and DERIVED.llm_on_head
+
+
+def llm_api_slots(stage):
+    """Caps API jobs running at once: `snakemake --resources llm_api=2`."""
+    calls = methods.all_stages(config)[stage].calls_llm_api
+    return int(calls and config["llm"]["backend"] == "openai")
 
 
 def llm_args():
-    # where the job runs is not part of what it computes: moving it must not rerun it
-    return {k: v for k, v in config["llm"].items() if k != "run_on"}
+    """The `llm` section jobs get: model filled in, where they run left out."""
+    return DERIVED.llm(config)
 
 
 def chunk_group(stage):
-    if stage == "concepts" and concepts_on_head():
+    if stage != "exemplars" and on_head(stage):
         return None
-    return CHUNK_GROUPS[stage]
+    return chunk_groups(config)[stage]
 
 
 def cluster_view():
@@ -307,29 +286,35 @@ def resource_limit(name):
     return getattr(limit, "value", limit)
 
 
-# Describe-and-Dissect's chunk stages after the exemplars
-DND_STAGES = ["captions", "concepts", "synthesis", "scores"]
+def method_rules():
+    """The rules file of each enabled method."""
+    return [str(m.rules) for m in METHODS if m.rules is not None]
 
 
 def method_outputs():
     """Per-chunk outputs of the enabled methods, so a deleted one is recomputed."""
-    if "dnd" not in config["methods"]:
-        return []
-    return [f for stage in DND_STAGES for f in chunk_outputs(stage, "parquet")]
+    return [f for m in METHODS for s in m.stages for f in chunk_outputs(s.name)]
 
 
-def describe_inputs():
-    inputs = {"exemplars": chunk_outputs("exemplars", "parquet")}
-    if "dnd" in config["methods"]:
-        inputs |= {stage: chunk_outputs(stage, "parquet") for stage in DND_STAGES}
-    return inputs
+def stage_files():
+    """Each enabled method's chunk files, by stage, for the final table."""
+    return {m.name: {s.name: chunk_outputs(s.name) for s in m.stages} for m in METHODS}
+
+
+def details_outputs():
+    """Each method's details table (descriptions/{method}.parquet and .csv), if it has one."""
+    return {
+        m.name: {"parquet": PATHS.details(m.name), "csv": PATHS.details(m.name, "csv")}
+        for m in METHODS
+        if m.details_schema is not None
+    }
 
 
 def report_failures():
     """After a run that wrote the table: how many neurons each method described or failed."""
-    table = f"{RESULTS}/descriptions.parquet"
+    table = PATHS.descriptions()
     if os.path.exists(table) and os.path.getmtime(table) >= STARTED:
-        print(failure_summary(table, f"{RESULTS}/logs"), file=sys.stderr)
+        print(failure_summary(table, PATHS.logs), file=sys.stderr)
 
 
 def weights_file_of(wildcards):
@@ -345,4 +330,4 @@ def weights_record_of(wildcards):
     wait for it, so a bad file fails once, cheaply, before any GPU job."""
     if not weights_file_of(wildcards):
         return []
-    return [f"{RESULTS}/inspect/{wildcards.model}.weights.json"]
+    return [PATHS.weights_record(wildcards.model)]

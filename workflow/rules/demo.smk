@@ -1,10 +1,10 @@
 rule render_demo_probe:
     output:
-        directory(f"{RESULTS}/probe/demo/{{dataset}}"),
+        directory(PATHS.demo_folder("{dataset}")),
     log:
-        f"{RESULTS}/logs/render_demo_probe/{{dataset}}.log",
+        PATHS.log("render_demo_probe", "{dataset}"),
     benchmark:
-        f"{RESULTS}/benchmarks/render_demo_probe/{{dataset}}.tsv"
+        PATHS.benchmark("render_demo_probe", "{dataset}")
     localrule: True
     conda:
         CPU_ENV
@@ -16,12 +16,12 @@ rule render_demo_probe:
 
 rule train_demo_target:
     output:
-        weights=f"{RESULTS}/models/{{model}}.pt",
-        metrics=f"{RESULTS}/models/{{model}}.metrics.json",
+        weights=PATHS.trained_weights(),
+        metrics=PATHS.trained_metrics(),
     log:
-        f"{RESULTS}/logs/train_demo_target/{{model}}.log",
+        PATHS.log("train_demo_target", "{model}"),
     benchmark:
-        f"{RESULTS}/benchmarks/train_demo_target/{{model}}.tsv"
+        PATHS.benchmark("train_demo_target", "{model}")
     conda:
         GPU_ENV
     threads: stage_resource("train", "cpus")
@@ -36,15 +36,15 @@ rule train_demo_target:
 
 rule evaluate_demo:
     input:
-        descriptions=f"{RESULTS}/descriptions.parquet",
-        manifest=f"{RESULTS}/probe/manifest.parquet",
+        descriptions=PATHS.descriptions(),
+        manifest=PATHS.manifest,
         layers=[f for m in trained_models() for f in layer_files(m).values()],
     output:
-        f"{RESULTS}/evaluation.parquet",
+        PATHS.evaluation,
     log:
-        f"{RESULTS}/logs/evaluate_demo.log",
+        PATHS.log("evaluate_demo"),
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate_demo.tsv"
+        PATHS.benchmark("evaluate_demo")
     localrule: True
     conda:
         CPU_ENV

@@ -1,13 +1,15 @@
 rule describe:
     input:
-        **describe_inputs(),
+        exemplars=chunk_outputs("exemplars"),
+        methods=method_outputs(),
     output:
-        parquet=f"{RESULTS}/descriptions.parquet",
-        csv=f"{RESULTS}/descriptions.csv",
+        parquet=PATHS.descriptions(),
+        csv=PATHS.descriptions("csv"),
+        details=[f for files in details_outputs().values() for f in files.values()],
     log:
-        f"{RESULTS}/logs/describe.log",
+        PATHS.log("describe"),
     benchmark:
-        f"{RESULTS}/benchmarks/describe.tsv"
+        PATHS.benchmark("describe")
     conda:
         CPU_ENV
     threads: stage_resource("describe", "cpus")
@@ -18,14 +20,12 @@ rule describe:
         args=lambda w, input, output: as_json(
             {
                 "exemplars": list(input.exemplars),
-                "captions": list(input.get("captions", [])),
-                "concepts": list(input.get("concepts", [])),
-                "synthesis": list(input.get("synthesis", [])),
-                "scores": list(input.get("scores", [])),
+                "stage_files": stage_files(),
                 "models": model_ids(),
                 "methods": config["methods"],
                 "parquet": output.parquet,
                 "csv": output.csv,
+                "details": details_outputs(),
             }
         ),
     shell:
@@ -35,7 +35,7 @@ rule describe:
 # No declared output, so `snakemake plan` always prints the summary; it still writes plan.json.
 rule plan:
     log:
-        f"{RESULTS}/logs/plan.log",
+        PATHS.log("plan"),
     localrule: True
     conda:
         CPU_ENV
@@ -44,8 +44,7 @@ rule plan:
         args=lambda w: as_json(
             {
                 "plan": build_plan(LAYOUT, config),
-                "out": f"{RESULTS}/plan.json",
-                "images_per_concept": config["synthesizer"]["images_per_concept"],
+                "out": PATHS.plan,
                 "resources": config["resources"],
                 "cluster": cluster_view(),
             }

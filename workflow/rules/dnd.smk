@@ -1,17 +1,20 @@
-# Describe-and-Dissect: captions of each chunk's exemplars, then LLM concept proposal.
+# Describe-and-Dissect (neuroscribe.methods.dnd): per chunk of neurons, captions of the
+# exemplars, LLM concept proposal, synthesis of each candidate, scoring. Included by the
+# Snakefile when `dnd` is among the config's methods.
+from neuroscribe.methods.dnd import proposal as dnd_proposal
 
 
 rule captions:
     input:
-        exemplars=f"{RESULTS}/exemplars/{{model}}/{{layer}}/{{chunk}}.parquet",
-        manifest=f"{RESULTS}/probe/manifest.parquet",
+        exemplars=PATHS.chunk("exemplars"),
+        manifest=PATHS.manifest,
         worlds=annotation_worlds,
     output:
-        f"{RESULTS}/captions/{{model}}/{{layer}}/{{chunk}}.parquet",
+        PATHS.chunk("captions"),
     log:
-        f"{RESULTS}/logs/captions/{{model}}/{{layer}}/{{chunk}}.log",
+        PATHS.chunk_log("captions"),
     benchmark:
-        f"{RESULTS}/benchmarks/captions/{{model}}/{{layer}}/{{chunk}}.tsv"
+        PATHS.chunk_benchmark("captions")
     group:
         chunk_group("captions")
     conda:
@@ -31,7 +34,7 @@ rule captions:
                 "out": output[0],
                 "captioner": config["captioner"],
                 "worlds": annotation_world_pairs(),
-                "cache": f"{RESULTS}/cache",
+                "cache": PATHS.cache,
                 "device": config["device"],
                 "dtype": config["dtype"],
             }
@@ -42,17 +45,17 @@ rule captions:
 
 rule concepts:
     input:
-        f"{RESULTS}/captions/{{model}}/{{layer}}/{{chunk}}.parquet",
+        PATHS.chunk("captions"),
     output:
-        f"{RESULTS}/concepts/{{model}}/{{layer}}/{{chunk}}.parquet",
+        PATHS.chunk("concepts"),
     log:
-        f"{RESULTS}/logs/concepts/{{model}}/{{layer}}/{{chunk}}.log",
+        PATHS.chunk_log("concepts"),
     benchmark:
-        f"{RESULTS}/benchmarks/concepts/{{model}}/{{layer}}/{{chunk}}.tsv"
+        PATHS.chunk_benchmark("concepts")
     group:
         chunk_group("concepts")
     # an API the compute nodes cannot reach is called from the head node (llm.run_on)
-    localrule: concepts_on_head()
+    localrule: on_head("concepts")
     conda:
         GPU_ENV
     threads: stage_resource("concepts", "cpus")
@@ -60,8 +63,7 @@ rule concepts:
         mem_mb=scaled("concepts", "mem_mb"),
         runtime=scaled("concepts", "runtime"),
         gpu=gpus("concepts"),
-        # caps API jobs running at once: `snakemake --resources llm_api=2`
-        llm_api=int(config["llm"]["backend"] == "openai"),
+        llm_api=llm_api_slots("concepts"),
     params:
         # a changed setting reruns the job (see result_settings)
         settings=lambda w: result_settings("concepts", w),
@@ -70,7 +72,8 @@ rule concepts:
                 "captions": input[0],
                 "out": output[0],
                 "llm": llm_args(),
-                "cache": f"{RESULTS}/cache",
+                "proposal": dnd_proposal(config),
+                "cache": PATHS.cache,
                 "device": config["device"],
                 "dtype": config["dtype"],
                 "max_failed_fraction": config["max_failed_fraction"],
@@ -82,13 +85,13 @@ rule concepts:
 
 rule synthesis:
     input:
-        f"{RESULTS}/concepts/{{model}}/{{layer}}/{{chunk}}.parquet",
+        PATHS.chunk("concepts"),
     output:
-        f"{RESULTS}/synthesis/{{model}}/{{layer}}/{{chunk}}.parquet",
+        PATHS.chunk("synthesis"),
     log:
-        f"{RESULTS}/logs/synthesis/{{model}}/{{layer}}/{{chunk}}.log",
+        PATHS.chunk_log("synthesis"),
     benchmark:
-        f"{RESULTS}/benchmarks/synthesis/{{model}}/{{layer}}/{{chunk}}.tsv"
+        PATHS.chunk_benchmark("synthesis")
     group:
         chunk_group("synthesis")
     conda:
@@ -105,8 +108,8 @@ rule synthesis:
             {
                 "concepts": input[0],
                 "out": output[0],
-                "synthesizer": config["synthesizer"],
-                "store": f"{RESULTS}/images",
+                "synthesizer": config["dnd"]["synthesizer"],
+                "store": PATHS.images,
                 "device": config["device"],
                 "dtype": config["dtype"],
             }
@@ -117,18 +120,18 @@ rule synthesis:
 
 rule scores:
     input:
-        concepts=f"{RESULTS}/concepts/{{model}}/{{layer}}/{{chunk}}.parquet",
-        synthesis=f"{RESULTS}/synthesis/{{model}}/{{layer}}/{{chunk}}.parquet",
-        exemplars=f"{RESULTS}/exemplars/{{model}}/{{layer}}/{{chunk}}.parquet",
-        manifest=f"{RESULTS}/probe/manifest.parquet",
+        concepts=PATHS.chunk("concepts"),
+        synthesis=PATHS.chunk("synthesis"),
+        exemplars=PATHS.chunk("exemplars"),
+        manifest=PATHS.manifest,
         weights=trained_weights_of,
         weights_check=weights_record_of,
     output:
-        f"{RESULTS}/scores/{{model}}/{{layer}}/{{chunk}}.parquet",
+        PATHS.chunk("scores"),
     log:
-        f"{RESULTS}/logs/scores/{{model}}/{{layer}}/{{chunk}}.log",
+        PATHS.chunk_log("scores"),
     benchmark:
-        f"{RESULTS}/benchmarks/scores/{{model}}/{{layer}}/{{chunk}}.tsv"
+        PATHS.chunk_benchmark("scores")
     group:
         chunk_group("scores")
     conda:
@@ -150,7 +153,7 @@ rule scores:
                 "out": output[0],
                 "target": target_dict(w.model),
                 "layer": w.layer,
-                "scoring": config["scoring"],
+                "scoring": config["dnd"]["scoring"],
                 "top_k": config["top_k"],
                 "save_every": config["save_every"],
                 "max_failed_fraction": config["max_failed_fraction"],

@@ -1,15 +1,15 @@
 rule exemplars:
     input:
-        layer=f"{RESULTS}/activations/{{model}}/{{layer}}.h5",
-        manifest=f"{RESULTS}/probe/manifest.parquet",
+        layer=PATHS.layer_file(),
+        manifest=PATHS.manifest,
         weights=trained_weights_of,
         weights_check=weights_record_of,
     output:
-        f"{RESULTS}/exemplars/{{model}}/{{layer}}/{{chunk}}.parquet",
+        PATHS.chunk("exemplars"),
     log:
-        f"{RESULTS}/logs/exemplars/{{model}}/{{layer}}/{{chunk}}.log",
+        PATHS.chunk_log("exemplars"),
     benchmark:
-        f"{RESULTS}/benchmarks/exemplars/{{model}}/{{layer}}/{{chunk}}.tsv"
+        PATHS.chunk_benchmark("exemplars")
     group:
         chunk_group("exemplars")
     conda:

@@ -7,9 +7,9 @@ rule check_weights:
     input:
         weights=weights_file_of,
     output:
-        f"{RESULTS}/inspect/{{model}}.weights.json",
+        PATHS.weights_record(),
     log:
-        f"{RESULTS}/logs/check_weights/{{model}}.log",
+        PATHS.log("check_weights", "{model}"),
     localrule: True
     conda:
         CPU_ENV
@@ -17,7 +17,7 @@ rule check_weights:
         args=lambda w, input, output: as_json(
             {
                 "target": target_dict(w.model),
-                "weights": input.weights[0],
+                "path": input.weights[0],
                 "out": output[0],
             }
         ),
@@ -29,14 +29,14 @@ rule check_weights:
 # TORCH_HOME, for compute nodes without internet. No declared output, so it always runs.
 rule prefetch:
     log:
-        f"{RESULTS}/logs/prefetch.log",
+        PATHS.log("prefetch"),
     localrule: True
     conda:
         CPU_ENV
     params:
         args=lambda w: as_json(
             {
-                "models": [
+                "refs": [
                     m.to_dict()
                     for m in models_to_fetch(config, LAYOUT.targets.values())
                 ]

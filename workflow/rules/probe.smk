@@ -2,12 +2,12 @@ rule probe_manifest:
     input:
         demo_dirs(),
     output:
-        manifest=f"{RESULTS}/probe/manifest.parquet",
-        rejected=f"{RESULTS}/probe/rejected.parquet",
+        manifest=PATHS.manifest,
+        rejected=PATHS.rejected,
     log:
-        f"{RESULTS}/logs/probe_manifest.log",
+        PATHS.log("probe_manifest"),
     benchmark:
-        f"{RESULTS}/benchmarks/probe_manifest.tsv"
+        PATHS.benchmark("probe_manifest")
     conda:
         CPU_ENV
     threads: stage_resource("manifest", "cpus")
@@ -32,8 +32,8 @@ rule probe_manifest:
                 # the largest shorter side a target resizes to: bounds each resized image
                 "resize": largest_resize(),
                 "results": RESULTS,
-                "manifest": output.manifest,
-                "rejected": output.rejected,
+                "manifest_path": output.manifest,
+                "rejected_path": output.rejected,
                 "workers": threads,
             }
         ),

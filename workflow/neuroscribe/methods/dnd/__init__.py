@@ -1,0 +1,134 @@
+"""Describe-and-Dissect (Bai et al., 2024): caption the exemplars, let an LLM propose candidate
+concepts, draw each candidate with a text-to-image model, and keep the candidates whose images
+the neuron fires on most (ranked, and weighted by their similarity to the exemplars).
+
+Stages per chunk of neurons: captions -> concepts -> synthesis -> scores
+(rules: workflow/rules/dnd.smk; settings: the config's `dnd:` section, config.schema.yaml here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from neuroscribe.config import ConfigError, check_model_folders, derive
+from neuroscribe.methods import Method, Stage
+from neuroscribe.methods.dnd import plan, table
+
+HERE = Path(__file__).resolve().parent
+STAGES = "neuroscribe.methods.dnd.stages"
+# settings that are not results (how fast, how often retried): changing them reruns nothing
+PERFORMANCE_KEYS = {"batch_size", "max_concurrency", "max_attempts", "timeout_s", "run_on"}
+PROPOSAL_KEYS = ("candidates", "prompt_mode", "neurons_per_request", "temperature", "max_tokens")
+
+
+def _results_of(section: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k not in PERFORMANCE_KEYS}
+
+
+def proposal(config: dict[str, Any]) -> dict[str, Any]:
+    """The concept-proposal settings of the `dnd:` section."""
+    return {k: config["dnd"][k] for k in PROPOSAL_KEYS}
+
+
+def settings(stage: str, config: dict[str, Any]) -> Any:
+    """What in the config changes what a stage writes (a change reruns the stage)."""
+    if stage == "captions":
+        return {"captioner": _results_of(config["captioner"])}
+    if stage == "concepts":
+        llm = _results_of(derive(config).llm(config))
+        return {"llm": llm, "proposal": proposal(config)}
+    if stage == "synthesis":
+        return {"synthesizer": _results_of(config["dnd"]["synthesizer"])}
+    if stage == "scores":
+        return {"scoring": config["dnd"]["scoring"], "top_k": config["top_k"]}
+    raise KeyError(stage)
+
+
+def check_config(config: dict[str, Any], check_paths: bool) -> None:
+    captioner, dnd = config["captioner"], config["dnd"]
+    if captioner["backend"] == "annotations":
+        plain = [d["name"] for d in config["probe"]["datasets"] if d["type"] != "demo"]
+        if plain:
+            raise ConfigError(
+                "config key 'captioner.backend': `annotations` needs probe datasets that ship "
+                f"captions, and {plain} do not (only demo datasets do); use `blip`"
+            )
+    similarity = dnd["scoring"]["similarity"]
+    check_model_folders(
+        {
+            "captioner.model": captioner["model"] if captioner["backend"] == "blip" else None,
+            "llm.model": derive(config).llm_model if config["llm"]["backend"] == "local" else None,
+            "dnd.synthesizer.model": (
+                dnd["synthesizer"]["model"]
+                if dnd["synthesizer"]["backend"] == "diffusers"
+                else None
+            ),
+            "dnd.scoring.similarity.model": (
+                similarity["model"] if similarity["backend"] == "clip" else None
+            ),
+        },
+        check_paths,
+    )
+
+
+def models(config: dict[str, Any]) -> list[Any]:
+    """The synthesizer and similarity models to download before a run."""
+    from neuroscribe.prefetch import DIFFUSERS, HF, hub_or_local
+
+    refs = []
+    synthesizer, similarity = config["dnd"]["synthesizer"], config["dnd"]["scoring"]["similarity"]
+    if synthesizer["backend"] == "diffusers":
+        refs.append(hub_or_local("synthesizer", synthesizer["model"], DIFFUSERS))
+    if similarity["backend"] == "clip":
+        refs.append(hub_or_local("similarity", similarity["model"], HF))
+    return refs
+
+
+METHOD = Method(
+    name="dnd",
+    summary="Describe-and-Dissect: captions, LLM concepts, synthesised images, scoring",
+    stages=(
+        Stage(
+            "captions",
+            f"{STAGES}:caption_chunk",
+            group="propose",
+            resources={"mem_mb": 16000, "runtime": 60, "cpus": 4},
+            uses_gpu=lambda c: c["captioner"]["backend"] != "annotations",
+        ),
+        Stage(
+            "concepts",
+            f"{STAGES}:concept_chunk",
+            group="propose",
+            resources={"mem_mb": 16000, "runtime": 60, "cpus": 2},
+            # an API or `none` needs no GPU here
+            uses_gpu=lambda c: c["llm"]["backend"] == "local",
+            calls_llm_api=True,
+        ),
+        Stage(
+            "synthesis",
+            f"{STAGES}:synthesize_chunk",
+            group="select",
+            resources={"mem_mb": 16000, "runtime": 120, "cpus": 4},
+            uses_gpu=lambda c: c["dnd"]["synthesizer"]["backend"] != "procedural",
+        ),
+        Stage(
+            "scores",
+            f"{STAGES}:score_chunk",
+            group="select",
+            resources={"mem_mb": 16000, "runtime": 60, "cpus": 4},
+            uses_gpu=lambda c: True,
+        ),
+    ),
+    roles=("captioner", "llm"),
+    rules=HERE.parents[2] / "rules" / "dnd.smk",
+    config_schema=HERE / "config.schema.yaml",
+    details_schema=HERE / "details.schema.yaml",
+    rows=table.rows,
+    check_config=check_config,
+    plan=plan.estimate,
+    format_plan=plan.format_estimates,
+    observe=plan.observe,
+    settings=settings,
+    models=models,
+)
