@@ -145,13 +145,13 @@ INVALID = [
     # keys that moved into the `dnd:` section say where they live now
     (
         _set("llm.candidates", 3),
-        "config key 'llm.candidates' has moved: it is now 'dnd.candidates' (the settings only "
-        "Describe-and-Dissect uses live in its `dnd:` section); move it there",
+        "config key 'llm.candidates' has moved: it is now 'dnd.candidates' (settings that only "
+        "the `dnd` method uses live in its own section); move it there",
     ),
     (
         _set("synthesizer", {"steps": 4}),
-        "config key 'synthesizer' has moved: it is now 'dnd.synthesizer' (the settings only "
-        "Describe-and-Dissect uses live in its `dnd:` section); move it there",
+        "config key 'synthesizer' has moved: it is now 'dnd.synthesizer' (settings that only "
+        "the `dnd` method uses live in its own section); move it there",
     ),
     (
         _set("methods", ["dnd", "clip"]),

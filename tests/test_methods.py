@@ -99,6 +99,16 @@ def test_a_plugin_registers_through_its_entry_point(plugin: Path) -> None:
         validate_config(small_demo(methods=["frequent"], frequent={"min_count": 0}))
 
 
+def test_a_plugin_that_cannot_be_loaded_is_named(plugin: Path) -> None:
+    (plugin / "frequent_caption" / "__init__.py").write_text("import no_such_module\n")
+    with pytest.raises(methods.MethodLoadError) as err:
+        validate_config(small_demo())
+    assert str(err.value).startswith(
+        "method 'frequent' is registered as 'frequent_caption:METHOD' but cannot be loaded "
+        "(No module named 'no_such_module'); fix or uninstall the package that registers it"
+    )
+
+
 def test_the_plan_counts_each_methods_stages(plugin: Path, tmp_path: Path) -> None:
     cfg = small_demo(methods=["topk", "dnd", "frequent"])
     layout = build_layout(cfg, tmp_path / "results")

@@ -307,7 +307,8 @@ def test_prefetch_reports_each_model_it_could_not_get(hub: FakeHub, empty_hf_hom
 def test_snakemake_prefetch_downloads_the_configured_models(
     hub: FakeHub, tmp_path: Path, empty_hf_home: Path
 ) -> None:
-    cfg = _dnd_config(dnd={"scoring": {"similarity": {"backend": "clip", "model": CLIP_ID}}})
+    scoring = {"similarity": {"backend": "clip", "model": CLIP_ID}}
+    cfg = _dnd_config(dnd=DEMO["dnd"] | {"scoring": scoring})  # the demo's own synthesizer
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
     proc = run_snakemake(tmp_path, config, "prefetch", env=_online_env(hub, empty_hf_home))

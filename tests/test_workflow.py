@@ -245,7 +245,8 @@ def test_a_changed_setting_reruns_the_jobs_it_changes_and_no_others(
     cfg = yaml.safe_load(config.read_text())
     # a setting of the scores only: their jobs and what reads them, nothing upstream
     changed = tmp_path / "beta.yaml"
-    changed.write_text(yaml.safe_dump(cfg | {"dnd": cfg["dnd"] | {"scoring": {"beta": 3}}}))
+    scoring = cfg["dnd"]["scoring"] | {"beta": 3}
+    changed.write_text(yaml.safe_dump(cfg | {"dnd": cfg["dnd"] | {"scoring": scoring}}))
     dry = run_snakemake(workdir, changed, "-n", env=job_env)
     assert _job_counts(dry.stdout + dry.stderr) == {
         "scores": 3,

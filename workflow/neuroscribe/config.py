@@ -110,16 +110,6 @@ class DatasetSpec:
         return cls(**data)
 
 
-# keys that moved into a method's own section: (old path) -> where they live now
-MOVED_KEYS = {
-    ("llm", "candidates"): "dnd.candidates",
-    ("llm", "prompt_mode"): "dnd.prompt_mode",
-    ("llm", "neurons_per_request"): "dnd.neurons_per_request",
-    ("llm", "temperature"): "dnd.temperature",
-    ("llm", "max_tokens"): "dnd.max_tokens",
-    ("synthesizer",): "dnd.synthesizer",
-    ("scoring",): "dnd.scoring",
-}
 # rules of the workflow itself: a method's stage may not take one of their names
 CORE_STAGES = (
     "manifest",
@@ -134,15 +124,19 @@ CORE_STAGES = (
 
 
 def _check_moved(config: dict[str, Any]) -> None:
-    for path, now in MOVED_KEYS.items():
-        node: Any = config
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            raise ConfigError(
-                f"config key '{'.'.join(path)}' has moved: it is now '{now}' (the settings only "
-                f"Describe-and-Dissect uses live in its `dnd:` section); move it there"
-            )
+    """Keys of older configs that moved into a method's section say where they live now."""
+    from neuroscribe import methods
+
+    for name in methods.registered():
+        for old, now in methods.get(name).moved_keys.items():
+            node: Any = config
+            for part in old.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                raise ConfigError(
+                    f"config key '{old}' has moved: it is now '{now}' (settings that only the "
+                    f"`{name}` method uses live in its own section); move it there"
+                )
 
 
 def config_schema() -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,6 +102,8 @@ class Method:
     settings: Callable[[str, dict[str, Any]], Any] | None = None
     # models to download before a run: (config) -> [prefetch.ModelRef]
     models: Callable[[dict[str, Any]], list[Any]] | None = None
+    # keys of older configs that now live in its section: {"llm.candidates": "dnd.candidates"}
+    moved_keys: dict[str, str] = field(default_factory=dict)
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -114,11 +116,21 @@ class UnknownMethod(KeyError):
     pass
 
 
-def _load(ref: str) -> Method:
+class MethodLoadError(ImportError):
+    """A registered method cannot be loaded; every run would fail on it, so it says which."""
+
+
+def _load(name: str, ref: str) -> Method:
     module, _, attribute = ref.partition(":")
-    method = getattr(importlib.import_module(module), attribute)
+    try:
+        method = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as err:
+        raise MethodLoadError(
+            f"method {name!r} is registered as {ref!r} but cannot be loaded ({err}); fix or "
+            f"uninstall the package that registers it (entry-point group {ENTRY_POINT_GROUP!r})"
+        ) from err
     if not isinstance(method, Method):
-        raise TypeError(f"{ref} is not a neuroscribe.methods.Method")
+        raise MethodLoadError(f"method {name!r}: {ref} is not a neuroscribe.methods.Method")
     return method
 
 
@@ -141,7 +153,7 @@ def get(name: str) -> Method:
     refs = registered()
     if name not in refs:
         raise UnknownMethod(name)
-    method = _load(refs[name])
+    method = _load(name, refs[name])
     if method.name != name:
         raise ValueError(f"{refs[name]} is registered as {name!r} but names itself {method.name!r}")
     return method

@@ -3,7 +3,8 @@ concepts, draw each candidate with a text-to-image model, and keep the candidate
 the neuron fires on most (ranked, and weighted by their similarity to the exemplars).
 
 Stages per chunk of neurons: captions -> concepts -> synthesis -> scores
-(rules: workflow/rules/dnd.smk; settings: the config's `dnd:` section, config.schema.yaml here).
+(rules: workflow/rules/dnd.smk; its `dnd:` config section and its details table are described by
+workflow/schemas/dnd.config.schema.yaml and dnd.details.schema.yaml).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from neuroscribe.config import ConfigError, check_model_folders, derive
 from neuroscribe.methods import Method, Stage
 from neuroscribe.methods.dnd import plan, table
 
-HERE = Path(__file__).resolve().parent
+WORKFLOW = Path(__file__).resolve().parents[3]  # workflow/: its rules and schemas
 STAGES = "neuroscribe.methods.dnd.stages"
 # settings that are not results (how fast, how often retried): changing them reruns nothing
 PERFORMANCE_KEYS = {"batch_size", "max_concurrency", "max_attempts", "timeout_s", "run_on"}
@@ -121,9 +122,9 @@ METHOD = Method(
         ),
     ),
     roles=("captioner", "llm"),
-    rules=HERE.parents[2] / "rules" / "dnd.smk",
-    config_schema=HERE / "config.schema.yaml",
-    details_schema=HERE / "details.schema.yaml",
+    rules=WORKFLOW / "rules" / "dnd.smk",
+    config_schema=WORKFLOW / "schemas" / "dnd.config.schema.yaml",
+    details_schema=WORKFLOW / "schemas" / "dnd.details.schema.yaml",
     rows=table.rows,
     check_config=check_config,
     plan=plan.estimate,
@@ -131,4 +132,10 @@ METHOD = Method(
     observe=plan.observe,
     settings=settings,
     models=models,
+    # before methods had sections, these were top-level keys or keys of `llm`
+    moved_keys={
+        **{f"llm.{key}": f"dnd.{key}" for key in PROPOSAL_KEYS},
+        "synthesizer": "dnd.synthesizer",
+        "scoring": "dnd.scoring",
+    },
 )
