@@ -294,7 +294,9 @@ def run_reference(
             kept["seeds"] += row["seeds"]
             kept["images"] += row["images"]
         pd.DataFrame(list(by_concept.values())).to_parquet(folder / "synthesis.parquet")
-        concepts = pd.DataFrame([{"neuron": neuron, "candidates": list(by_concept)}])
+        concepts = pd.DataFrame(
+            [{"neuron": neuron, "candidates": list(by_concept), "error": record.error}]
+        )
         concepts.to_parquet(folder / "concepts.parquet")
         score_chunk(  # loads the target and CLIP for this neuron's images alone
             folder / "concepts.parquet",

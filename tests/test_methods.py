@@ -194,6 +194,14 @@ def test_stage_arguments_become_the_records_the_function_takes() -> None:
     assert kwargs["target"].layer("fc") == kwargs["layer"] and kwargs["shards"] == ["a.h5"]
 
 
+def test_a_stage_whose_types_cannot_be_resolved_is_refused() -> None:
+    def stage(target: NotImportedSpec) -> None:  # noqa: F821
+        pass
+
+    with pytest.raises(cli.StageArgumentError, match=r"stage 'x': the annotations of .*stage"):
+        cli.bind("x", stage, {"target": {}})
+
+
 # -- the final table --------------------------------------------------------------------------
 
 

@@ -98,8 +98,12 @@ def bind(stage: str, function: Callable[..., Any], args: dict[str, Any]) -> dict
         raise StageArgumentError(f"stage {stage!r}: missing argument {missing[0]!r}")
     try:
         hints = typing.get_type_hints(function)
-    except (NameError, TypeError):
-        hints = {}
+    except NameError as err:
+        # without the types, a spec would reach the function as a plain dict
+        raise StageArgumentError(
+            f"stage {stage!r}: the annotations of {function.__qualname__} name a type its module "
+            f"does not import at run time ({err}); import it at the module's top level"
+        ) from err
     return {key: _convert(hints.get(key, Any), value) for key, value in args.items()}
 
 

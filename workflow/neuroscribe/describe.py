@@ -64,7 +64,10 @@ def write_descriptions(
         result = method.rows(RowInputs(shared, stage_files.get(name, {}), models))
         parts.append(result.rows)
         if (result.details is None) != (name not in details):
-            raise ValueError(f"method {name!r}: details table and its outputs do not match")
+            raise ValueError(
+                f"method {name!r}: its rows come with{'out' if result.details is None else ''} "
+                "a details table, but it declares the opposite (Method.details_schema)"
+            )
         if result.details is not None:
             ordered = result.details.sort_values(KEY, kind="stable")
             arrow = write_table(ordered, details[name]["parquet"], method.details_schema)
