@@ -176,3 +176,54 @@ def test_too_many_failed_neurons_fail_the_scores_job(
     assert "neuron 3: no candidate could be drawn ('quantum foam':" in message
     assert "neuron 6: no candidate concepts were proposed" in message
     assert not (tmp_path / "scores.parquet").exists()
+
+
+def test_scoring_resize_scores_the_drawn_images_shrunk_as_the_reference_does(
+    tmp_path: Path, world: tuple[Path, pd.DataFrame]
+) -> None:
+    from PIL import Image
+
+    root, manifest = world
+    concepts = concepts_table(tmp_path / "c.parquet", {0: ["red circle", "blue square"]})
+    dnd.synthesize_chunk(concepts, tmp_path / "s.parquet", SYNTH, tmp_path / "images")
+    ids = list(manifest["image_id"])
+    exemplars = pd.DataFrame(
+        [{"neuron": 0, "rank": k, "image_id": ids[k], "box": None} for k in (0, 1)]
+    )
+    exemplars.to_parquet(tmp_path / "e.parquet")
+
+    def score(synthesis: Path, scoring: dict[str, Any], out: Path) -> pd.Series:
+        dnd.score_chunk(
+            concepts,
+            synthesis,
+            tmp_path / "e.parquet",
+            root / "manifest.parquet",
+            out,
+            TARGET,
+            "fc",
+            scoring,
+            2,
+            SETTINGS,
+        )
+        return pd.read_parquet(out).iloc[0]
+
+    shrunk = score(tmp_path / "s.parquet", SCORING | {"resize": 16}, tmp_path / "a.parquet")
+    # each drawn image has a 16 x 16 copy beside it, as PIL's `image.resize([16, 16])` makes it
+    synth = pd.read_parquet(tmp_path / "s.parquet")
+    drawn = [p for images in synth["images"] for p in images]
+    assert len(drawn) == 8
+    for path in drawn:
+        small = Image.open(Path(path).with_name(f"{Path(path).stem}-16px.png"))
+        expected = Image.open(path).convert("RGB").resize([16, 16])
+        assert small.size == (16, 16) and np.array_equal(np.asarray(small), np.asarray(expected))
+    # the scores are those of the small images scored as drawn images
+    synth["images"] = [[dnd.shrunk(p, 16) for p in images] for images in synth["images"]]
+    synth.to_parquet(tmp_path / "small.parquet")
+    direct = score(tmp_path / "small.parquet", SCORING, tmp_path / "b.parquet")
+    assert shrunk["label"] == direct["label"]
+    assert np.allclose(shrunk["combined"], direct["combined"])
+    assert np.allclose(shrunk["rank_scores"], direct["rank_scores"])
+    # without the option the images are scored as drawn, which here ranks them otherwise
+    full = score(tmp_path / "s.parquet", SCORING, tmp_path / "c.parquet")
+    assert not np.allclose(full["similarities"], shrunk["similarities"])
+    assert dnd.shrunk(drawn[0], None) == drawn[0]

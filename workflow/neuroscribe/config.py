@@ -422,7 +422,30 @@ def _check_roles(config: dict[str, Any], check_paths: bool) -> None:
             "running snakemake (a login node); use `compute`, or serve the model (e.g. vLLM) "
             "and use backend `openai`"
         )
-    for method in methods.enabled(config):
+    enabled = methods.enabled(config)
+    used = {role for method in enabled for role in method.roles}
+    captioner = config["captioner"]
+    if "captioner" in used and captioner["backend"] == "annotations":
+        plain = [d["name"] for d in config["probe"]["datasets"] if d["type"] != "demo"]
+        if plain:
+            raise ConfigError(
+                "config key 'captioner.backend': `annotations` needs probe datasets that ship "
+                f"captions, and {plain} do not (only demo datasets do); use `blip`"
+            )
+    check_model_folders(
+        {
+            "captioner.model": (
+                captioner["model"]
+                if "captioner" in used and captioner["backend"] == "blip"
+                else None
+            ),
+            "llm.model": (
+                derive(config).llm_model if "llm" in used and llm["backend"] == "local" else None
+            ),
+        },
+        check_paths,
+    )
+    for method in enabled:
         if method.check_config is not None:
             method.check_config(config, check_paths)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from neuroscribe.config import ConfigError, check_model_folders, derive
+from neuroscribe.config import check_model_folders, derive
 from neuroscribe.methods import Method, Stage
 from neuroscribe.methods.dnd import plan, table
 
@@ -47,19 +47,12 @@ def settings(stage: str, config: dict[str, Any]) -> Any:
 
 
 def check_config(config: dict[str, Any], check_paths: bool) -> None:
-    captioner, dnd = config["captioner"], config["dnd"]
-    if captioner["backend"] == "annotations":
-        plain = [d["name"] for d in config["probe"]["datasets"] if d["type"] != "demo"]
-        if plain:
-            raise ConfigError(
-                "config key 'captioner.backend': `annotations` needs probe datasets that ship "
-                f"captions, and {plain} do not (only demo datasets do); use `blip`"
-            )
+    """The synthesizer's and similarity model's folders exist (the shared roles are checked by
+    the config itself)."""
+    dnd = config["dnd"]
     similarity = dnd["scoring"]["similarity"]
     check_model_folders(
         {
-            "captioner.model": captioner["model"] if captioner["backend"] == "blip" else None,
-            "llm.model": derive(config).llm_model if config["llm"]["backend"] == "local" else None,
             "dnd.synthesizer.model": (
                 dnd["synthesizer"]["model"]
                 if dnd["synthesizer"]["backend"] == "diffusers"

@@ -34,15 +34,15 @@ log = logging.getLogger(__name__)
 
 MAX_WORDS = 5
 
-# The paper's instructions (Bai et al., appendix); the few-shot examples are our own.
+# The call structure of the paper's `reference` mode (Bai et al.), in our own words: the
+# authors' code carries no license, so neither its prompt texts nor its examples are shipped.
 SUMMARY_INSTRUCTION = (
-    "State one coherent and concise concept label that is 1-5 words long that can semantically "
-    "summarize and represent most, not necessarily all, of the conceptual similarities in the "
-    "following descriptions: "
+    "Give one short concept, one to five words, that captures what most (not necessarily all) "
+    "of these descriptions have in common: "
 )
 SUMMARY_PREFIX = (
-    "Only state your answer without a period and quotation marks and do not simply repeat the "
-    "descriptions. "
+    "Reply with the concept alone: no quotation marks, no full stop at the end, and not a copy "
+    "of any one description. "
 )
 SUMMARY_EXAMPLES = (
     (
@@ -57,9 +57,8 @@ SUMMARY_EXAMPLES = (
     ),
 )
 SIMPLIFY_INSTRUCTION = (
-    "Only state your answer without a period and quotation marks. Do not number your answer. "
-    "State one coherent and concise concept label that simplifies the following description "
-    "and deletes any unnecessary details: "
+    "Reply with one short concept and nothing else (no numbering, quotation marks or full stop "
+    "at the end). Shorten this description to its main concept, leaving incidental details out: "
 )
 SIMPLIFY_EXAMPLE = (
     "a blue sky with a blue sky and a blue sky with white clouds in the blue sky",

@@ -17,12 +17,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from neuroscribe import backends
 from neuroscribe.cache import DiskCache
 from neuroscribe.config import TargetSpec
 from neuroscribe.failures import Failure, check_failures
 from neuroscribe.features import Memo, as_box, embed_files, layer_activations
+from neuroscribe.io import atomic_path
 from neuroscribe.methods.dnd.concepts import build_proposer
 from neuroscribe.progress import Resumed, finish_chunk
 from neuroscribe.redaction import redact, secret_values
@@ -231,8 +233,13 @@ def score_chunk(
     concept_errors = dict(zip(concept_table["neuron"], concept_table["error"], strict=True))
 
     def rows_of(part: list[int]) -> pd.DataFrame:
+        size = scoring.get("resize")
         images = {
-            n: [(c, p) for c, c_i in enumerate(candidates[n]) for p in _images_of(synth, c_i)]
+            n: [
+                (c, shrunk(p, size))
+                for c, c_i in enumerate(candidates[n])
+                for p in _images_of(synth, c_i)
+            ]
             for n in part
         }
         mine = ex[ex["neuron"].isin(part)]
@@ -316,6 +323,19 @@ def score_chunk(
         len(ex_emb.rows),
     )
     return resumed
+
+
+def shrunk(path: str, size: int | None) -> str:
+    """A drawn image as it is scored: itself, or with `scoring.resize` a size x size copy (the
+    reference scores its generated images at 32 x 32). Made with PIL's default filter, as the
+    reference's `image.resize`, saved losslessly beside the original in the store, once."""
+    if size is None:
+        return path
+    small = Path(path).with_name(f"{Path(path).stem}-{size}px.png")
+    if not small.exists():
+        with Image.open(path) as image, atomic_path(small) as tmp:
+            image.convert("RGB").resize((size, size)).save(tmp, format="PNG")
+    return str(small)
 
 
 def _images_of(synth: pd.DataFrame, concept: str) -> list[str]:
