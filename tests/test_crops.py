@@ -4,6 +4,7 @@ and re-ranking of images and crops by activation."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from neuroscribe.config import Transform
 from neuroscribe.crops import (
@@ -75,3 +76,26 @@ def test_reranking_mixes_images_and_crops_by_activation() -> None:
     crops = [Candidate(0, 2, "i2", (0, 0, 4, 4), 4.0), Candidate(0, 1, "i1", (1, 1, 5, 5), 5.0)]
     ranked = _ranked(images + crops, 3)
     assert [(c.row, c.box) for c in ranked] == [(1, None), (1, (1, 1, 5, 5)), (2, (0, 0, 4, 4))]
+
+
+def test_outer_8_regions_follow_the_reference_on_a_map_with_a_hole() -> None:
+    from neuroscribe.crops import region_boxes
+
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[1:6, 1:6] = True
+    mask[2:5, 2:5] = False  # a ring ...
+    mask[3, 3] = True  # ... with an island in its hole
+    mask[7, 7] = True  # a pixel and a square that touch only at a corner
+    mask[8:10, 8:10] = True
+    # neuroscribe: every 4-connected region, the island too; diagonal neighbours stay apart
+    assert region_boxes(mask, "connected-4") == [
+        (1, 1, 6, 6),
+        (8, 8, 10, 10),
+        (3, 3, 4, 4),
+        (7, 7, 8, 8),
+    ]
+    # the reference (findContours, RETR_EXTERNAL, 8-connected): the island is inside the ring's
+    # outer contour, and the pixel and the square touching at a corner are one region
+    assert region_boxes(mask, "outer-8") == [(1, 1, 6, 6), (7, 7, 10, 10)]
+    with pytest.raises(ValueError, match="crop regions 'outer-4'"):
+        region_boxes(mask, "outer-4")

@@ -17,6 +17,10 @@ from neuroscribe.config import Transform
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), pixels
 
+# how regions of the thresholded map are found: every 4-connected region (neuroscribe), or the
+# outer contours of 8-connected regions (the reference, OpenCV's findContours(RETR_EXTERNAL)):
+# diagonal neighbours join, and a region inside another's hole is part of the outer one
+REGIONS = ("connected-4", "outer-8")
 MAX_CROPS = 4
 MAX_IOU_WITH_KEPT = 0.5
 MAX_IOU_WITH_IMAGE = 0.8
@@ -62,9 +66,16 @@ def iou(a: Box, b: Box) -> float:
     return float(iou_matrix([a], [b])[0, 0])
 
 
-def region_boxes(mask: np.ndarray) -> list[Box]:
-    """Bounding boxes of the connected regions of a boolean mask, largest box area first."""
-    labels, _ = ndimage.label(mask)
+def region_boxes(mask: np.ndarray, regions: str = "connected-4") -> list[Box]:
+    """Bounding boxes of the regions (see REGIONS) of a boolean mask, largest box area first."""
+    if regions == "outer-8":
+        # an outer contour's box is that of its region with the holes filled; filling holes
+        # floods the background 4-connected, the dual of 8-connected foreground
+        labels, _ = ndimage.label(ndimage.binary_fill_holes(mask), structure=np.ones((3, 3)))
+    elif regions == "connected-4":
+        labels, _ = ndimage.label(mask)
+    else:
+        raise ValueError(f"crop regions {regions!r}: expected one of {', '.join(REGIONS)}")
     boxes = [
         (int(s[1].start), int(s[0].start), int(s[1].stop), int(s[0].stop))
         for s in ndimage.find_objects(labels)
@@ -101,11 +112,13 @@ def upsample(activation_map: np.ndarray, side: int) -> np.ndarray:
     return out[0, 0].numpy()
 
 
-def attention_boxes(activation_map: np.ndarray, side: int) -> list[Box]:
+def attention_boxes(
+    activation_map: np.ndarray, side: int, regions: str = "connected-4"
+) -> list[Box]:
     """Crop boxes, in model-input pixels, where the neuron's map is above its Otsu threshold."""
     heat = upsample(activation_map, side)
     mask = heat > otsu_threshold(heat)
-    return select_boxes(region_boxes(mask), side)
+    return select_boxes(region_boxes(mask, regions), side)
 
 
 def input_box_to_image(box: Box, width: int, height: int, tf: Transform) -> Box:

@@ -67,6 +67,7 @@ def _crop_candidates(
     batch_size: int,
     workers: int,
     compute_dtype: Any,
+    regions: str = "connected-4",
 ) -> list[list[Candidate]] | None:
     """Attention crops of every neuron's top images, scored; None for a layer without maps."""
     import torch
@@ -112,7 +113,8 @@ def _crop_candidates(
     for j, group in enumerate(images):
         for cand in group:
             width, height = sizes[cand.row]
-            for box in attention_boxes(maps[position[cand.row], j], target.transform.crop):
+            side = target.transform.crop
+            for box in attention_boxes(maps[position[cand.row], j], side, regions):
                 requests.append(
                     (
                         j,
@@ -154,6 +156,7 @@ def chunk_exemplars(
     out: str | Path,
     top_k: int,
     crops: bool = True,
+    crop_regions: str = "connected-4",
     batch_size: int = 64,
     workers: int = 2,
     device: str = "auto",
@@ -183,7 +186,15 @@ def chunk_exemplars(
         if probe is not None:
             loaded, compute_dtype = model()
             scored = _crop_candidates(
-                images, probe, target, spec, loaded, batch_size, workers, compute_dtype
+                images,
+                probe,
+                target,
+                spec,
+                loaded,
+                batch_size,
+                workers,
+                compute_dtype,
+                crop_regions,
             )
         rows = []
         for j, group in enumerate(images):
@@ -209,6 +220,7 @@ def chunk_exemplars(
         "neurons": list(neurons),
         "top_k": top_k,
         "crops": crops,
+        "crop_regions": crop_regions,
         "device": device,
         "dtype": dtype,
     }

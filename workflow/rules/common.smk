@@ -98,6 +98,7 @@ def result_settings(stage, wildcards):
                 "neurons": list(chunk.neurons),
                 "top_k": config["top_k"],
                 "crops": has_crops(w.model, w.layer),
+                "crop_regions": config["crop_regions"],
             }
             | compute
         )

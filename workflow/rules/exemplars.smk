@@ -32,6 +32,7 @@ rule exemplars:
                 "out": output[0],
                 "top_k": config["top_k"],
                 "crops": has_crops(w.model, w.layer),
+                "crop_regions": config["crop_regions"],
                 "save_every": config["save_every"],
                 "batch_size": config["batch_size"],
                 "workers": threads,
