@@ -169,8 +169,8 @@ INVALID = [
     (
         _set("chunksize", 3),
         "config: unknown key 'chunksize' (did you mean 'chunk_size'?); allowed keys: batch_size, "
-        "captioner, chunk_size, crops, device, dnd, dtype, llm, max_failed_fraction, methods, "
-        "preset, probe, resources, run, save_every, shard_size, targets, top_k",
+        "captioner, chunk_size, crop_regions, crops, device, dnd, dtype, llm, max_failed_fraction, "
+        "methods, preset, probe, resources, run, save_every, shard_size, targets, top_k",
     ),
     (
         _set("targets.0.poolng", "avg"),
