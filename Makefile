@@ -27,7 +27,8 @@ system-packages:
 demo: install
 	snakemake --profile profiles/local --configfile config/demo.yaml
 	@echo
-	@echo "Done. The description table: results/demo/descriptions.parquet (and .csv);"
+	@echo "Done. The description table: results/demo/descriptions.parquet (and .csv), with"
+	@echo "Describe-and-Dissect's candidates in results/demo/descriptions/dnd.parquet;"
 	@echo "ground-truth check: results/demo/evaluation.parquet; the probe manifest:"
 	@echo "results/demo/probe/manifest.parquet; logs: results/demo/logs/."
 	@sed -n 's/.*neuroscribe.demo.evaluation: /  /p' results/demo/logs/evaluate_demo.log
