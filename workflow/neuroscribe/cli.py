@@ -124,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check-config"] and len(argv) > 1:
         return check_config(argv[1:])
-    known = stages()
-    if len(argv) != 2 or argv[0] not in known:
+    # the workflow's own stages are found without loading the registry: its methods' modules
+    # import pandas and pyarrow, which a light job (merge, manifest) otherwise never pays for
+    ref = (CORE_STAGES.get(argv[0]) or stages().get(argv[0])) if len(argv) == 2 else None
+    if ref is None:
         print(
-            f"usage: python -m neuroscribe {{{','.join(known)}}} JSON_ARGUMENTS\n"
+            f"usage: python -m neuroscribe {{{','.join(stages())}}} JSON_ARGUMENTS\n"
             "       python -m neuroscribe check-config CONFIG_FILE...",
             file=sys.stderr,
         )
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        function = stage_function(known[stage])
+        function = stage_function(ref)
         kwargs = bind(stage, function, args)
     except StageArgumentError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from neuroscribe.backends.captioners import crop_image
+from neuroscribe.backends.captioners import as_box, crop_image
 from neuroscribe.probe import load_rgb
 
 if TYPE_CHECKING:
@@ -23,13 +23,6 @@ if TYPE_CHECKING:
     from neuroscribe.backends.similarity import ImageSimilarity
     from neuroscribe.config import LayerSpec, Transform
     from neuroscribe.models import LoadedTarget
-
-Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), image pixels
-
-
-def as_box(value: Any) -> Box | None:
-    """A crop box as a table stores it (list, array or None) as a tuple of ints, or None."""
-    return None if value is None else tuple(int(v) for v in value)  # type: ignore[return-value]
 
 
 def embed_files(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pandas as pd
 from PIL import Image
@@ -19,6 +19,13 @@ from PIL import Image
 from neuroscribe.cache import DiskCache, cache_key
 from neuroscribe.hub import fetching
 from neuroscribe.probe import load_rgb
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), image pixels
+
+
+def as_box(value: Any) -> Box | None:
+    """A crop box as a table stores it (list, array or None) as a tuple of ints, or None."""
+    return None if value is None else tuple(int(v) for v in value)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ def exemplar_requests(exemplars: pd.DataFrame, manifest: str | Path) -> list[Cap
     with its file from the probe manifest."""
     paths = pd.read_parquet(manifest, columns=["image_id", "path"]).set_index("image_id")["path"]
     return [
-        CaptionRequest(i, str(paths[i]), None if b is None else tuple(int(v) for v in b))
+        CaptionRequest(i, str(paths[i]), as_box(b))
         for i, b in zip(exemplars["image_id"], exemplars["box"], strict=True)
     ]
 

@@ -20,10 +20,11 @@ import pandas as pd
 from PIL import Image
 
 from neuroscribe import backends
+from neuroscribe.backends.captioners import as_box
 from neuroscribe.cache import DiskCache
 from neuroscribe.config import TargetSpec
 from neuroscribe.failures import Failure, check_failures
-from neuroscribe.features import Memo, as_box, embed_files, layer_activations
+from neuroscribe.features import Memo, embed_files, layer_activations
 from neuroscribe.io import atomic_path
 from neuroscribe.methods.dnd.concepts import build_proposer
 from neuroscribe.progress import Resumed, finish_chunk
