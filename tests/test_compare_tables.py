@@ -3,15 +3,21 @@ finds a changed label, score or candidate, and a neuron that went missing."""
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pandas as pd
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from compare_tables import compare
+# the script by its path: benchmarks/ is not a package, and sys.path stays as it is
+SPEC = importlib.util.spec_from_file_location(
+    "compare_tables", REPO / "benchmarks" / "compare_tables.py"
+)
+assert SPEC is not None and SPEC.loader is not None
+SCRIPT = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(SCRIPT)
+compare = SCRIPT.compare
 
 KEY = {"model": "m", "layer": "fc"}
 
