@@ -19,6 +19,8 @@ from neuroscribe.backends.captioners import (
     CachedCaptioner,
     CaptionRequest,
     crop_image,
+    exemplar_requests,
+    exemplar_view,
 )
 from neuroscribe.cache import DiskCache
 from neuroscribe.demo.annotations import AnnotationCaptioner
@@ -140,6 +142,109 @@ def test_crop_boxes_are_clipped_to_the_image_and_empty_ones_rejected() -> None:
     assert crop_image(image, (15, 5, 25, 12)).size == (5, 5)  # overshoot by rounding is clipped
     with pytest.raises(ValueError, match="empty"):
         crop_image(image, (30, 0, 40, 10))
+
+
+def test_a_squashed_request_captions_its_pixels_resized_to_a_square(
+    captioner: BlipCaptioner,
+    requests: list[CaptionRequest],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    whole = requests[3]
+    box = (5, 7, 29, 16)  # 24x9
+    spy = ProcessorSpy(captioner.processor)
+    monkeypatch.setattr(captioner, "processor", spy)
+    squashed = [
+        CaptionRequest(whole.image_id, whole.path, box, 20),
+        CaptionRequest(whole.image_id, whole.path, None, 24),
+    ]
+    crop_caption, _ = captioner.caption(squashed)
+    assert spy.sizes == [(20, 20), (24, 24)]
+    view = tmp_path / "view.png"
+    exemplar_view(Image.open(whole.path).convert("RGB"), box, 20).save(view)
+    assert captioner.caption([CaptionRequest("view", str(view))]) == [crop_caption]
+
+
+class Named:
+    """A captioner that only has an id (for cache keys)."""
+
+    id = "fake"
+
+
+def test_squash_is_in_the_cache_key_only_when_set(tmp_path: Path) -> None:
+    cached = CachedCaptioner(Named(), DiskCache(tmp_path / "c.sqlite", "captions"))  # type: ignore[arg-type]
+    crop = CaptionRequest("i1", "/p", (0, 0, 10, 10))
+    # the keys of requests without squash are those of earlier versions (caches stay valid)
+    assert cached.key(crop) == "52863d37c799c48410cf01f26b0b18dcaba3df07f0b70c197234333bdc5c9d76"
+    whole = CaptionRequest("i1", "/p")
+    assert cached.key(whole) == "0c5f5c20a3efe6fbe7faba17ffaf259e917889ef20a8dc2db70c0e15658bc91f"
+    squashed = [((0, 0, 10, 10), q) for q in (None, 375, 224)] + [(None, None), (None, 375)]
+    keys = {cached.key(CaptionRequest("i1", "/p", box, q)) for box, q in squashed}
+    assert len(keys) == 5
+
+
+def test_exemplar_requests_read_the_squash_column_when_there_is_one(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.parquet"
+    pd.DataFrame({"image_id": ["a", "b"], "path": ["/a.png", "/b.png"]}).to_parquet(manifest)
+    table = pd.DataFrame({"image_id": ["a", "b"], "box": [None, [1, 2, 3, 4]]})
+    assert [r.squash for r in exemplar_requests(table, manifest)] == [None, None]
+    table["squash"] = pd.array([375, None], dtype="Int64")
+    table.to_parquet(tmp_path / "e.parquet")
+    back = exemplar_requests(pd.read_parquet(tmp_path / "e.parquet"), manifest)
+    assert back == [
+        CaptionRequest("a", "/a.png", None, 375),
+        CaptionRequest("b", "/b.png", (1, 2, 3, 4), None),
+    ]
+    assert isinstance(back[0].squash, int)
+
+
+class KwargsSpy:
+    """Records the keyword arguments of each generate call, then runs the real generate."""
+
+    def __init__(self, generate: Any) -> None:
+        self.generate = generate
+        self.kwargs: list[dict[str, Any]] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.kwargs.append(kwargs)
+        return self.generate(*args, **kwargs)
+
+
+def test_min_length_reaches_generate_and_the_id_only_when_set(
+    captioner: BlipCaptioner,
+    blip_folder: Path,
+    requests: list[CaptionRequest],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert "min_length" not in captioner.id
+    default = KwargsSpy(captioner.model.generate)
+    monkeypatch.setattr(captioner.model, "generate", default)
+    captioner.caption(requests[:1])
+    assert "min_length" not in default.kwargs[0]
+
+    longer = BlipCaptioner(
+        str(blip_folder), device="cpu", max_new_tokens=MAX_NEW_TOKENS, min_length=5
+    )
+    assert longer.id == f"{captioner.id}:min_length=5"
+    spy = KwargsSpy(longer.model.generate)
+    monkeypatch.setattr(longer.model, "generate", spy)
+    longer.caption(requests[:2])
+    assert spy.kwargs[0]["min_length"] == 5
+
+
+def test_min_length_comes_from_the_captioner_config(blip_folder: Path) -> None:
+    from neuroscribe import backends
+
+    cfg = {
+        "backend": "blip",
+        "model": str(blip_folder),
+        "batch_size": 2,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "num_beams": 1,
+    }
+    assert backends.captioner(cfg, [], "cpu", "auto").min_length is None  # type: ignore[attr-defined]
+    built = backends.captioner(cfg | {"min_length": 5}, [], "cpu", "auto")
+    assert built.min_length == 5 and built.id.endswith(":min_length=5")  # type: ignore[attr-defined]
 
 
 def test_blip_loads_with_the_blip_classes(captioner: BlipCaptioner) -> None:

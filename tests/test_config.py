@@ -169,8 +169,9 @@ INVALID = [
     (
         _set("chunksize", 3),
         "config: unknown key 'chunksize' (did you mean 'chunk_size'?); allowed keys: batch_size, "
-        "captioner, chunk_size, crop_regions, crops, device, dnd, dtype, llm, max_failed_fraction, "
-        "methods, preset, probe, resources, run, save_every, shard_size, targets, top_k",
+        "captioner, chunk_size, crop_regions, crop_squash, crops, device, dnd, dtype, llm, "
+        "max_failed_fraction, methods, preset, probe, resources, run, save_every, shard_size, "
+        "targets, top_k",
     ),
     (
         _set("targets.0.poolng", "avg"),
@@ -198,6 +199,11 @@ INVALID = [
     (_drop("targets.0.spec"), "config section 'targets[0]': missing required key 'spec'"),
     (_set("chunk_size", 0), "config key 'chunk_size': 0 is less than the minimum of 1"),
     (_set("chunk_size", "big"), "config key 'chunk_size': expected integer, got 'big'"),
+    (_set("crop_squash", 8), "config key 'crop_squash': 8 is less than the minimum of 16"),
+    (
+        _set("captioner", {"backend": "blip", "min_length": -1}),
+        "config key 'captioner.min_length': -1 is less than the minimum of 0",
+    ),
     (
         _set("targets.0.layers.2", {"name": "fc", "neurons": "0-x"}),
         "config key 'targets[0].layers[2].neurons': '0-x' is not valid; expected `all`, ranges such "

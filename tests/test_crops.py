@@ -3,9 +3,14 @@ and re-ranking of images and crops by activation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
+from neuroscribe.activations import ProbeImages
+from neuroscribe.backends.captioners import exemplar_view
 from neuroscribe.config import Transform
 from neuroscribe.crops import (
     MAX_CROPS,
@@ -15,6 +20,7 @@ from neuroscribe.crops import (
     otsu_threshold,
     region_boxes,
     select_boxes,
+    squashed_box_to_image,
 )
 from neuroscribe.exemplars import Candidate, _ranked
 
@@ -69,6 +75,57 @@ def test_input_boxes_map_back_through_resize_and_centre_crop() -> None:
     assert input_box_to_image((10, 10, 20, 20), 400, 200, tf) == (140, 40, 160, 60)
     identity = Transform(resize=64, crop=64, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert input_box_to_image((3, 4, 30, 40), 64, 64, identity) == (3, 4, 30, 40)
+
+
+def test_squashed_boxes_map_back_to_the_image_per_axis() -> None:
+    # a 300x50 image squashed to 100x100: x scales by 3, y by 0.5; x0, y0 down, x1, y1 up
+    assert squashed_box_to_image((10, 20, 55, 81), 300, 50, 100) == (30, 10, 165, 41)
+    assert squashed_box_to_image((0, 0, 100, 100), 300, 50, 100) == (0, 0, 300, 50)
+    assert squashed_box_to_image((1, 1, 2, 2), 30, 30, 100) == (0, 0, 1, 1)  # never empty
+    # the whole chain: model input (resize 64, crop 56) → the 128x128 squashed image → image
+    tf = Transform(resize=64, crop=56, mean=(0.5,) * 3, std=(0.5,) * 3)
+    on_squashed = input_box_to_image((0, 0, 56, 56), 128, 128, tf)
+    assert on_squashed == (8, 8, 120, 120)  # scale 0.5, margins of 4 on the 64x64 input
+    assert squashed_box_to_image(on_squashed, 256, 64, 128) == (16, 4, 240, 60)
+
+
+def _strip_image(tmp_path: Path) -> tuple[Path, tuple[int, int, int, int]]:
+    """A 256x256 grey image with a 200x20 strip: red left end, green middle, blue right end."""
+    pixels = np.full((256, 256, 3), 128, dtype=np.uint8)
+    pixels[118:138, 28:48] = (255, 0, 0)
+    pixels[118:138, 48:208] = (0, 255, 0)
+    pixels[118:138, 208:228] = (0, 0, 255)
+    path = tmp_path / "strip.png"
+    Image.fromarray(pixels).save(path)
+    return path, (28, 118, 228, 138)
+
+
+def _has(pixels: np.ndarray, colour: tuple[int, int, int]) -> bool:
+    """Whether some pixel of an [H, W, 3] array is (nearly) `colour`."""
+    return bool((np.abs(pixels.astype(int) - colour).max(axis=-1) < 40).any())
+
+
+def test_a_thin_crop_squashed_keeps_both_ends_and_centre_cropped_loses_them(
+    tmp_path: Path,
+) -> None:
+    path, box = _strip_image(tmp_path)
+    tf = Transform(resize=32, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    red, green, blue = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    # today's view: resize the 200x20 strip's shorter side to 32 (320x32), centre crop 32x32
+    cropped = ProbeImages([str(path)], tf, [box])[0][0].permute(1, 2, 0).numpy()
+    assert cropped.shape == (32, 32, 3)
+    assert _has(cropped, green) and not _has(cropped, red) and not _has(cropped, blue)
+    # squashed to 32x32 first (a global squash, or one per item): both ends are in the view
+    for squash in (32, [32]):
+        squashed = ProbeImages([str(path)], tf, [box], squash=squash)[0][0]
+        view = squashed.permute(1, 2, 0).numpy()
+        assert _has(view[:, :4], red) and _has(view[:, -4:], blue) and _has(view, green)
+    # and it is the exemplar's view that every stage uses
+    image = Image.open(path).convert("RGB")
+    same = np.asarray(exemplar_view(image, box, 32))
+    np.testing.assert_array_equal(same, view)
+    assert exemplar_view(image, box, None).size == (200, 20)
+    assert exemplar_view(image, None, 40).size == (40, 40)
 
 
 def test_reranking_mixes_images_and_crops_by_activation() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +228,34 @@ def test_scoring_resize_scores_the_drawn_images_shrunk_as_the_reference_does(
     full = score(tmp_path / "s.parquet", SCORING, tmp_path / "c.parquet")
     assert not np.allclose(full["similarities"], shrunk["similarities"])
     assert dnd.shrunk(drawn[0], None) == drawn[0]
+
+
+def test_squashed_exemplars_are_embedded_as_their_square_views(
+    tmp_path: Path, world: tuple[Path, pd.DataFrame], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exemplars table with `squash` (crop_squash) has its exemplars embedded for image
+    similarity as the captioner sees them: resized to squash x squash; one without is as before."""
+    root, manifest = world
+    concepts = concepts_table(tmp_path / "c.parquet", {0: ["red circle", "blue square"]})
+    dnd.synthesize_chunk(concepts, tmp_path / "s.parquet", SYNTH, tmp_path / "images")
+    ids = list(manifest["image_id"])
+    plain = pd.DataFrame(
+        [{"neuron": 0, "rank": k, "image_id": ids[k], "box": [0, 8, 48, 24]} for k in (0, 1)]
+    )
+    embedded: list[Any] = []
+    real = dnd.embed_files
+    monkeypatch.setattr(
+        dnd, "embed_files", lambda sim, items: embedded.extend(items) or real(sim, items)
+    )
+    for name in ("a", "b"):  # each score run in its own folder, on the same synthesis
+        (tmp_path / name).mkdir()
+        shutil.copy(tmp_path / "s.parquet", tmp_path / name / "s.parquet")
+    before = pd.read_parquet(_score(tmp_path / "a", root, concepts, plain, top_k=2)).iloc[0]
+    assert {item[2] for item in embedded if len(item) > 2} == {None}
+    embedded.clear()
+    squashed = plain.assign(squash=32)
+    after = pd.read_parquet(_score(tmp_path / "b", root, concepts, squashed, top_k=2)).iloc[0]
+    exemplar_items = [item for item in embedded if item[1] is not None]
+    assert [item[2] for item in exemplar_items] == [32, 32]
+    assert np.allclose(before["rank_scores"], after["rank_scores"])  # the drawn images' ranks
+    assert not np.allclose(before["similarities"], after["similarities"])

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
+from neuroscribe.backends.captioners import exemplar_view
 from neuroscribe.config import LayerSpec, TargetSpec, Transform
 from neuroscribe.device import resolve_device, resolve_dtype
 from neuroscribe.fanout import select_neurons
@@ -55,18 +56,24 @@ class Normalizer:
 
 
 class ProbeImages(Dataset):
-    """Decoded, resized, cropped probe images as uint8 (decoding runs in DataLoader workers)."""
+    """Decoded, resized, cropped probe images as uint8 (decoding runs in DataLoader workers).
+
+    An item is an exemplar's view (`exemplar_view`): the image or its box, squashed to
+    squash x squash pixels when `squash` (one size for all items, or one per item) says so,
+    then the target's transform."""
 
     def __init__(
         self,
         paths: Sequence[str | bytes] | np.ndarray,
         tf: Transform,
         boxes: Sequence[tuple[int, int, int, int] | None] | None = None,
+        squash: int | Sequence[int | None] | None = None,
     ) -> None:
         self.paths = paths
         self.transform = image_transform(tf)
         # optional crop box per item (image pixels), applied before the transform
         self.boxes = boxes
+        self.squash = squash
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -79,9 +86,11 @@ class ProbeImages(Dataset):
                 f"cannot read probe image {os.fsdecode(self.paths[i])} (it was readable when the manifest was "
                 f"built): {exc}; rebuild the manifest"
             ) from exc
-        if self.boxes is not None and self.boxes[i] is not None:
-            image = image.crop(self.boxes[i])
-        return self.transform(image), i
+        box = None if self.boxes is None else self.boxes[i]
+        squash = self.squash
+        if squash is not None and not isinstance(squash, int | np.integer):
+            squash = squash[i]
+        return self.transform(exemplar_view(image, box, squash)), i
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -140,3 +140,16 @@ def input_box_to_image(box: Box, width: int, height: int, tf: Transform) -> Box:
         min(width, image_box[2]),
         min(height, image_box[3]),
     )
+
+
+def squashed_box_to_image(box: Box, width: int, height: int, squash: int) -> Box:
+    """Map a box on the image squashed to squash x squash pixels (`crop_squash`) back to the
+    width x height image, each axis by its own scale: x0, y0 rounded down and x1, y1 up (exact
+    integer arithmetic), clipped to the image."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return (
+        max(0, x0 * width // squash),
+        max(0, y0 * height // squash),
+        min(width, -(-x1 * width // squash)),
+        min(height, -(-y1 * height // squash)),
+    )

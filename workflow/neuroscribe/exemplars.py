@@ -5,6 +5,12 @@ once (one batched pass for the whole chunk); each neuron's map on each of its im
 attention crops (see `crops`); all crops of the chunk go through the target in one more batched
 pass and are scored by their neuron's pooled activation; each neuron keeps the top-K of its
 images and crops. Crops are stored as boxes; pixels are re-read when needed.
+
+With `crop_squash` N (the reference code's 375), every top image is first resized to N x N
+whatever its aspect ratio: the maps come from that squashed image, each box is scored on its
+pixels resized to N x N, and the top images themselves are re-scored on their N x N view (from
+the maps' own forward pass), so images and crops are ranked on the pixels that later stages
+caption and embed (the table's `squash` column says so).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from neuroscribe.config import LayerSpec, TargetSpec
-from neuroscribe.crops import Box, attention_boxes, input_box_to_image
+from neuroscribe.crops import Box, attention_boxes, input_box_to_image, squashed_box_to_image
 from neuroscribe.merge import columns_of
 from neuroscribe.progress import Resumed, finish_chunk
 
@@ -68,12 +74,15 @@ def _crop_candidates(
     workers: int,
     compute_dtype: Any,
     regions: str = "connected-4",
+    squash: int | None = None,
 ) -> list[list[Candidate]] | None:
-    """Attention crops of every neuron's top images, scored; None for a layer without maps."""
+    """Every neuron's candidates: its top images and their attention crops, scored; None for a
+    layer without maps. With `squash`, the maps, the crops' scores and the top images' own
+    scores are all of the images resized to squash x squash (see the module's doc)."""
     import torch
 
     from neuroscribe.activations import ProbeImages, forward_batches
-    from neuroscribe.models import LayerRecorder
+    from neuroscribe.models import LayerRecorder, pool
 
     dev = next(loaded.module.parameters()).device
     channels = [group[0].neuron for group in images]
@@ -83,9 +92,11 @@ def _crop_candidates(
 
     raw = LayerRecorder(loaded, [layer], pooled=False)
     maps: np.ndarray | None = None
+    # with squash: the top images' pooled activations on their squashed view, [rows, chunk]
+    whole = None if squash is None else np.empty((len(rows), len(channels)), dtype=np.float32)
     batches = forward_batches(
         raw,
-        ProbeImages(paths, target.transform),
+        ProbeImages(paths, target.transform, squash=squash),
         target.transform,
         batch_size,
         workers,
@@ -105,6 +116,9 @@ def _crop_candidates(
         if maps is None:
             maps = np.empty((len(rows), len(channels), *out.shape[2:]), dtype=np.float32)
         maps[index.numpy()] = out[:, channels].float().cpu().numpy()
+        if whole is not None:
+            # pooled as a pooling recorder pools (the whole output, then the chunk's channels)
+            whole[index.numpy()] = pool(out, layer)[:, channels].float().cpu().numpy()
     raw.close()
     assert maps is not None
 
@@ -115,13 +129,12 @@ def _crop_candidates(
             width, height = sizes[cand.row]
             side = target.transform.crop
             for box in attention_boxes(maps[position[cand.row], j], side, regions):
-                requests.append(
-                    (
-                        j,
-                        cand.row,
-                        input_box_to_image(box, int(width), int(height), target.transform),
-                    )
-                )
+                if squash is None:
+                    image_box = input_box_to_image(box, int(width), int(height), target.transform)
+                else:  # the model input is of the squashed image: back to it, then to the image
+                    on_squashed = input_box_to_image(box, squash, squash, target.transform)
+                    image_box = squashed_box_to_image(on_squashed, int(width), int(height), squash)
+                requests.append((j, cand.row, image_box))
     scores = np.empty(len(requests), dtype=np.float32)
     if requests:
         pooled = LayerRecorder(loaded, [layer])
@@ -129,6 +142,7 @@ def _crop_candidates(
             manifest["path"].to_numpy()[[r for _, r, _ in requests]],
             target.transform,
             [b for _, _, b in requests],
+            squash=squash,
         )
         which = torch.tensor([channels[j] for j, _, _ in requests])
         for index, outputs in forward_batches(
@@ -138,13 +152,26 @@ def _crop_candidates(
             scores[index.numpy()] = picked.numpy()
         pooled.close()
     ids = manifest["image_id"].to_numpy()
-    crops: list[list[Candidate]] = [[] for _ in images]
+    if whole is None:
+        pools = [list(group) for group in images]
+    else:
+        pools = [
+            [
+                Candidate(c.neuron, c.row, c.image_id, None, float(whole[position[c.row], j]))
+                for c in group
+            ]
+            for j, group in enumerate(images)
+        ]
     for (j, row, box), score in zip(requests, scores, strict=True):
-        crops[j].append(Candidate(channels[j], row, str(ids[row]), box, float(score)))
+        pools[j].append(Candidate(channels[j], row, str(ids[row]), box, float(score)))
     log.info(
-        "%d attention crops for %d neurons on %d images", len(requests), len(images), len(rows)
+        "%d attention crops for %d neurons on %d images%s",
+        len(requests),
+        len(images),
+        len(rows),
+        "" if squash is None else f", all squashed to {squash} x {squash}",
     )
-    return crops
+    return pools
 
 
 def chunk_exemplars(
@@ -157,6 +184,7 @@ def chunk_exemplars(
     top_k: int,
     crops: bool = True,
     crop_regions: str = "connected-4",
+    crop_squash: int | None = None,
     batch_size: int = 64,
     workers: int = 2,
     device: str = "auto",
@@ -166,6 +194,8 @@ def chunk_exemplars(
     """One row per (neuron, rank): the top-K of its images and attention crops. Neurons are done
     `save_every` at a time and kept in a progress record, so a killed job resumes. Without
     crops (a layer without a spatial map) it is a lookup in the merged file: no model, no torch.
+    With `crop_squash` N, a layer with crops is ranked on N x N views (see the module's doc) and
+    its rows say `squash` N; other layers are unchanged.
     """
     spec = target.layer(layer)
     probe = None
@@ -195,10 +225,13 @@ def chunk_exemplars(
                 workers,
                 compute_dtype,
                 crop_regions,
+                crop_squash,
             )
+        # the squash column only where the pixels are squashed: other tables are as before
+        squashed = {} if scored is None or crop_squash is None else {"squash": crop_squash}
         rows = []
         for j, group in enumerate(images):
-            pool = group + (scored[j] if scored is not None else [])
+            pool = scored[j] if scored is not None else group
             for rank, cand in enumerate(_ranked(pool, top_k)):
                 rows.append(
                     {
@@ -211,6 +244,7 @@ def chunk_exemplars(
                         "box": None if cand.box is None else list(cand.box),
                         "activation": cand.activation,
                     }
+                    | squashed
                 )
         return pd.DataFrame(rows)
 
@@ -224,6 +258,8 @@ def chunk_exemplars(
         "device": device,
         "dtype": dtype,
     }
+    if crops and crop_squash is not None:  # only when it applies: other records stay valid
+        args["crop_squash"] = crop_squash
     # retrained weights under the same path void the record too
     inputs = [layer_h5, manifest, *target.weights_files()]
     resumed = finish_chunk(out, args, inputs, neurons, save_every, rows_of, "exemplars")

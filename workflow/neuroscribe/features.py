@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from neuroscribe.backends.captioners import as_box, crop_image
+from neuroscribe.backends.captioners import as_box, as_squash, exemplar_view
 from neuroscribe.probe import load_rgb
 
 if TYPE_CHECKING:
@@ -26,17 +26,25 @@ if TYPE_CHECKING:
 
 
 def embed_files(
-    sim: ImageSimilarity, items: Sequence[tuple[str, Any]], batch: int = 256
+    sim: ImageSimilarity, items: Sequence[tuple[Any, ...]], batch: int = 256
 ) -> torch.Tensor:
-    """Similarity embeddings [N, D] of (path, box or None) items: the whole image file, or the
-    box of it; `batch` files are read and embedded at a time."""
+    """Similarity embeddings [N, D] of (path, box or None) or (path, box or None, squash or
+    None) items: the whole image file, or the box of it, resized to squash x squash where an
+    item says so (`exemplar_view`); `batch` files are read and embedded at a time."""
     import torch
 
     parts = []
     for start in range(0, len(items), batch):
-        images = [crop_image(load_rgb(p), as_box(b)) for p, b in items[start : start + batch]]
+        images = [
+            exemplar_view(load_rgb(item[0]), as_box(item[1]), _squash_of(item))
+            for item in items[start : start + batch]
+        ]
         parts.append(sim.embed(images))
     return torch.cat(parts)
+
+
+def _squash_of(item: tuple[Any, ...]) -> int | None:
+    return as_squash(item[2]) if len(item) > 2 else None
 
 
 def layer_activations(

@@ -52,20 +52,27 @@ def _arrow_type(prop: dict[str, Any]) -> tuple[pa.DataType, bool]:
     return _SCALARS[kind], nullable
 
 
-def arrow_schema(name: str | Path) -> pa.Schema:
-    """The Arrow schema a table's row schema describes (column order as in the schema file)."""
+def arrow_schema(name: str | Path, columns: Sequence[str] | None = None) -> pa.Schema:
+    """The Arrow schema a table's row schema describes (column order as in the schema file),
+    or that of `columns` of it."""
     schema = load_schema(name)
     fields = []
     for col, prop in schema["properties"].items():
+        if columns is not None and col not in columns:
+            continue
         dtype, nullable = _arrow_type(prop)
         fields.append(pa.field(col, dtype, nullable=nullable))
     return pa.schema(fields)
 
 
 def to_arrow(df: pd.DataFrame, name: str | Path) -> pa.Table:
-    """Convert and check: exact columns, types, no nulls where not allowed, enums, unique keys."""
+    """Convert and check: exact columns, types, no nulls where not allowed, enums, unique keys.
+
+    A column the schema lists in `x-optional` may be left out: the table is then written
+    without it (as tables written before it existed)."""
     schema = load_schema(name)
-    expected = list(schema["properties"])
+    optional = set(schema.get("x-optional", ()))
+    expected = [c for c in schema["properties"] if c in df.columns or c not in optional]
     missing = [c for c in expected if c not in df.columns]
     extra = [c for c in df.columns if c not in expected]
     if missing or extra:
@@ -74,7 +81,7 @@ def to_arrow(df: pd.DataFrame, name: str | Path) -> pa.Table:
             + (f"; missing {missing}" if missing else "")
             + (f"; unexpected {extra}" if extra else "")
         )
-    target = arrow_schema(name)
+    target = arrow_schema(name, expected)
     try:
         table = pa.Table.from_pandas(df[expected], schema=target, preserve_index=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:

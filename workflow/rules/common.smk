@@ -92,14 +92,19 @@ def result_settings(stage, wildcards):
         )
     if stage == "exemplars":
         chunk = LAYOUT.chunk(w.model, w.layer, w.chunk)
+        crops = has_crops(w.model, w.layer)
+        # crop_squash only when set and the layer has crops: params of runs (and layers)
+        # it does not change stay as they were
+        squash = config["crop_squash"] if crops else None
         return as_json(
             {
                 "target": layer_target(w.model, w.layer),
                 "neurons": list(chunk.neurons),
                 "top_k": config["top_k"],
-                "crops": has_crops(w.model, w.layer),
+                "crops": crops,
                 "crop_regions": config["crop_regions"],
             }
+            | ({} if squash is None else {"crop_squash": squash})
             | compute
         )
     # a method's stage: what its method says changes it, on this layer's chunk

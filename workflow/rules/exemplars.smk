@@ -33,6 +33,7 @@ rule exemplars:
                 "top_k": config["top_k"],
                 "crops": has_crops(w.model, w.layer),
                 "crop_regions": config["crop_regions"],
+                "crop_squash": config["crop_squash"],
                 "save_every": config["save_every"],
                 "batch_size": config["batch_size"],
                 "workers": threads,

@@ -43,6 +43,9 @@ def captioner(
         batch_size=cfg["batch_size"],
         max_new_tokens=cfg["max_new_tokens"],
         num_beams=cfg["num_beams"],
+        # no schema default (absent when unset), so the captions' settings of runs without it
+        # are unchanged
+        min_length=cfg.get("min_length"),
     )
 
 

@@ -35,15 +35,31 @@ class CaptionRequest:
     box: tuple[int, int, int, int] | None = (
         None  # x0, y0, x1, y1 in image pixels; None = whole image
     )
+    # the image or box resized to squash x squash pixels (`crop_squash`); None = as it is
+    squash: int | None = None
+
+
+def as_squash(value: Any) -> int | None:
+    """An exemplar's `squash` as a table stores it (int, float, NaN, NA or None) as int or None."""
+    return None if value is None or pd.isna(value) else int(value)
+
+
+def exemplar_squash(exemplars: pd.DataFrame) -> list[int | None]:
+    """Each row's `squash` (None throughout for a table without the column, as older ones)."""
+    if "squash" not in exemplars.columns:
+        return [None] * len(exemplars)
+    return [as_squash(v) for v in exemplars["squash"]]
 
 
 def exemplar_requests(exemplars: pd.DataFrame, manifest: str | Path) -> list[CaptionRequest]:
-    """One request per row of an exemplars table (a whole image or a crop), in row order, each
-    with its file from the probe manifest."""
+    """One request per row of an exemplars table (a whole image or a crop, squashed where the
+    row says so), in row order, each with its file from the probe manifest."""
     paths = pd.read_parquet(manifest, columns=["image_id", "path"]).set_index("image_id")["path"]
     return [
-        CaptionRequest(i, str(paths[i]), as_box(b))
-        for i, b in zip(exemplars["image_id"], exemplars["box"], strict=True)
+        CaptionRequest(i, str(paths[i]), as_box(b), q)
+        for i, b, q in zip(
+            exemplars["image_id"], exemplars["box"], exemplar_squash(exemplars), strict=True
+        )
     ]
 
 
@@ -75,6 +91,18 @@ def crop_image(image: Image.Image, box: tuple[int, int, int, int] | None) -> Ima
     return image.crop((x0, y0, x1, y1))
 
 
+def exemplar_view(
+    image: Image.Image, box: tuple[int, int, int, int] | None, squash: int | None = None
+) -> Image.Image:
+    """The pixels of an exemplar as every stage sees them: the image or its box (`crop_image`),
+    then, with `squash` (`crop_squash`), resized to squash x squash pixels whatever its aspect
+    ratio (bicubic), as the reference code resizes its images and crops to 375 x 375."""
+    view = crop_image(image, box)
+    if squash is None:
+        return view
+    return view.resize((int(squash), int(squash)), Image.BICUBIC)
+
+
 class BlipCaptioner:
     """The `blip` backend: BLIP (or BLIP-2) captions for each exemplar image or crop.
 
@@ -91,6 +119,7 @@ class BlipCaptioner:
         batch_size: int = 32,
         max_new_tokens: int = 30,
         num_beams: int = 1,
+        min_length: int | None = None,
     ) -> None:
         # heavy imports stay here: the annotations backend must not need torch or transformers
         from transformers import (
@@ -109,6 +138,8 @@ class BlipCaptioner:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.num_beams = num_beams
+        # generate's min_length (the reference captions with min_length=5); None leaves it out
+        self.min_length = min_length
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         with fetching(self.model_name, "captioner"):
@@ -126,9 +157,11 @@ class BlipCaptioner:
     def id(self) -> str:
         # everything that changes the text of a caption, so a cache never mixes settings
         dtype = str(self.dtype).removeprefix("torch.")
+        # min_length only when set, so the ids (and caches) of earlier runs stay valid
+        min_length = "" if self.min_length is None else f":min_length={self.min_length}"
         return (
             f"blip:{self.model_name}:dtype={dtype}:max_new_tokens={self.max_new_tokens}"
-            f":num_beams={self.num_beams}"
+            f":num_beams={self.num_beams}{min_length}"
         )
 
     def caption(self, requests: Sequence[CaptionRequest]) -> list[str]:
@@ -140,7 +173,9 @@ class BlipCaptioner:
             for r in chunk:
                 if r.path not in images:
                     images[r.path] = load_rgb(r.path)
-            captions.extend(self.generate([crop_image(images[r.path], r.box) for r in chunk]))
+            captions.extend(
+                self.generate([exemplar_view(images[r.path], r.box, r.squash) for r in chunk])
+            )
         return captions
 
     def generate(self, images: Sequence[Image.Image]) -> list[str]:
@@ -149,11 +184,13 @@ class BlipCaptioner:
 
         inputs = self.processor(images=list(images), return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
+        extra = {} if self.min_length is None else {"min_length": self.min_length}
         with torch.inference_mode():
             out = self.model.generate(
                 pixel_values=pixel_values,
                 max_new_tokens=self.max_new_tokens,
                 num_beams=self.num_beams,
+                **extra,
             )
         if self.blip2 and not self.model.config.text_config.is_encoder_decoder:
             # a decoder-only language model returns its prompt (image tokens + bos) first
@@ -173,7 +210,8 @@ class CaptionStats:
 
 
 class CachedCaptioner:
-    """Any captioner behind a DiskCache: each (captioner id, image, box) is captioned once, ever.
+    """Any captioner behind a DiskCache: each (captioner id, image, box, squash) is captioned
+    once, ever.
 
     Identical requests within a call (an exemplar shared by several neurons) are captioned once;
     the misses go to the wrapped captioner in calls of up to `chunk_size` (one call for most
@@ -193,7 +231,14 @@ class CachedCaptioner:
     def key(self, request: CaptionRequest) -> str:
         # the path is left out: image ids are already stable across machines, paths are not
         box = None if request.box is None else [int(v) for v in request.box]
-        return cache_key({"captioner": self.captioner.id, "image_id": request.image_id, "box": box})
+        key: dict[str, Any] = {
+            "captioner": self.captioner.id,
+            "image_id": request.image_id,
+            "box": box,
+        }
+        if request.squash is not None:  # only when set: keys of unsquashed exemplars as before
+            key["squash"] = int(request.squash)
+        return cache_key(key)
 
     def caption(self, requests: Sequence[CaptionRequest]) -> list[str]:
         keys = [self.key(r) for r in requests]

@@ -20,7 +20,7 @@ import pandas as pd
 from PIL import Image
 
 from neuroscribe import backends
-from neuroscribe.backends.captioners import as_box
+from neuroscribe.backends.captioners import as_box, exemplar_squash
 from neuroscribe.cache import DiskCache
 from neuroscribe.config import TargetSpec
 from neuroscribe.failures import Failure, check_failures
@@ -139,7 +139,9 @@ def synthesize_chunk(
 
     table = pd.read_parquet(concepts)
     distinct = list(dict.fromkeys(c for cands in table["candidates"] for c in cands))
-    drawer = backends.synthesizer(synthesizer, device, dtype)
+    # the synthesizer may have a dtype of its own (the reference draws in float16 and runs the
+    # target in float32)
+    drawer = backends.synthesizer(synthesizer, device, synthesizer.get("dtype") or dtype)
     q, seed = synthesizer["images_per_concept"], synthesizer["seed"]
     rows, requests, owners = [], [], []
     for concept in distinct:
@@ -226,9 +228,10 @@ def score_chunk(
     synth_emb = Memo(
         lambda paths: embed_files(models()[1], [(p, None) for p in paths]).cpu().numpy()
     )
-    # exemplars shared by neurons of the chunk are read and embedded once
+    # exemplars shared by neurons of the chunk are read and embedded once; a key is
+    # (image id, box, squash): the exemplar's pixels as captioned (`exemplar_view`)
     ex_emb = Memo(
-        lambda keys: embed_files(models()[1], [(probe[i], b) for i, b in keys]).cpu().numpy()
+        lambda keys: embed_files(models()[1], [(probe[i], b, q) for i, b, q in keys]).cpu().numpy()
     )
     candidates = dict(zip(concept_table["neuron"], concept_table["candidates"], strict=True))
     concept_errors = dict(zip(concept_table["neuron"], concept_table["error"], strict=True))
@@ -245,8 +248,9 @@ def score_chunk(
         }
         mine = ex[ex["neuron"].isin(part)]
         ex_keys: dict[int, list[Any]] = {n: [] for n in part}
-        for n, i, b in zip(mine["neuron"], mine["image_id"], mine["box"], strict=True):
-            ex_keys[int(n)].append((i, as_box(b)))
+        squash = exemplar_squash(mine)
+        for n, i, b, q in zip(mine["neuron"], mine["image_id"], mine["box"], squash, strict=True):
+            ex_keys[int(n)].append((i, as_box(b), q))
         # the part's new images in one batched pass per model; the neurons below read the memo
         every = [p for n in part if images[n] for _, p in images[n]]
         acts.get(every)
