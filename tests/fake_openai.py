@@ -247,6 +247,11 @@ def fake_openai(*script: Behaviour, **kwargs: Any) -> Iterator[FakeOpenAI]:
 _NEURON_BLOCK = re.compile(r"Neuron (\d+), captions of its top images:\n((?:\d+\. .*\n?)+)")
 
 
+# how the labeller tells a caption-simplifying request (neuroscribe's own prompt file, the
+# authors' texts, the test fixture's) from a summary
+SIMPLIFY_PHRASES = ("Shorten this description", "simplifies the following description")
+
+
 def labeller(body: dict[str, Any]) -> Behaviour:
     """A stand-in concept model: answers neuroscribe's concept prompts from caption phrases.
 
@@ -271,7 +276,7 @@ def labeller(body: dict[str, Any]) -> Behaviour:
             neurons.append({"neuron": int(neuron), "concepts": concepts})
         return Reply(json.dumps({"neurons": neurons}))
     text = prompt.rsplit(": ", 1)[1]
-    if "simplifies the following description" in prompt:
+    if any(phrase in prompt for phrase in SIMPLIFY_PHRASES):
         return Reply(" ".join(text.split()[:4]))
     best = summariser.propose(text.split(", "), 1)
     return Reply(best[0] if best else "unclear")

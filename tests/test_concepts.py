@@ -129,7 +129,10 @@ def test_reference_mode_refeeds_a_list_reply() -> None:
     with fake_openai(*script, default=lambda _b: Reply("red circles")) as server:
         (record,) = ReferenceProposer(client_for(server, None), settings).propose(NEURONS[:1])
     assert len(server.requests) == 5  # 3 simplifications, 1 summary, 1 re-summary of the list
-    assert "red things, circles" in server.requests[-1]["messages"][-1]["content"]
+    # the re-ask is sent alone, with the list as the authors' code rebuilds it: split at commas
+    # (the spaces after them kept) and joined with ", " again
+    (reask,) = server.requests[-1]["messages"]
+    assert reask["content"].endswith(":  red things,  circles")
     assert record.candidates == ["red circles"]
 
 
@@ -198,6 +201,9 @@ def llm_config(**overrides: Any) -> dict[str, Any]:
         "candidates": 5,
         "temperature": 0.3,
         "max_tokens": 256,
+        "prompts": None,
+        "max_words": 5,
+        "background_variants": False,
         "seed": 0,
         "max_concurrency": 4,
         "max_attempts": 3,

@@ -12,15 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from neuroscribe.config import check_model_folders, derive
+from neuroscribe.config import ConfigError, check_model_folders, derive
 from neuroscribe.methods import Method, Stage
-from neuroscribe.methods.dnd import plan, table
+from neuroscribe.methods.dnd import plan, prompts, table
 
 WORKFLOW = Path(__file__).resolve().parents[3]  # workflow/: its rules and schemas
 STAGES = "neuroscribe.methods.dnd.stages"
 # settings that are not results (how fast, how often retried): changing them reruns nothing
 PERFORMANCE_KEYS = {"batch_size", "max_concurrency", "max_attempts", "timeout_s", "run_on"}
-PROPOSAL_KEYS = ("candidates", "prompt_mode", "neurons_per_request", "temperature", "max_tokens")
+# before methods had sections, these were keys of `llm`
+LLM_KEYS = ("candidates", "prompt_mode", "neurons_per_request", "temperature", "max_tokens")
+PROPOSAL_KEYS = (*LLM_KEYS, "prompts", "max_words", "background_variants")
 
 
 def _results_of(section: dict[str, Any]) -> dict[str, Any]:
@@ -38,7 +40,11 @@ def settings(stage: str, config: dict[str, Any]) -> Any:
         return {"captioner": _results_of(config["captioner"])}
     if stage == "concepts":
         llm = _results_of(derive(config).llm(config))
-        return {"llm": llm, "proposal": proposal(config)}
+        found = {"llm": llm, "proposal": proposal(config)}
+        if config["dnd"]["prompt_mode"] == "reference":
+            # an edited prompt file reruns the stage (its path alone would not)
+            found["prompt_file"] = prompts.file_digest(config["dnd"]["prompts"])
+        return found
     if stage == "synthesis":
         return {"synthesizer": _results_of(config["dnd"]["synthesizer"])}
     if stage == "scores":
@@ -47,9 +53,19 @@ def settings(stage: str, config: dict[str, Any]) -> Any:
 
 
 def check_config(config: dict[str, Any], check_paths: bool) -> None:
-    """The synthesizer's and similarity model's folders exist (the shared roles are checked by
-    the config itself)."""
+    """The prompt file is usable, and the synthesizer's and similarity model's folders exist (the
+    shared roles are checked by the config itself)."""
     dnd = config["dnd"]
+    if dnd["prompts"] is not None and dnd["prompt_mode"] != "reference":
+        raise ConfigError(
+            f"config key 'dnd.prompts' ({dnd['prompts']}) is used only by the reference prompt "
+            "mode; set dnd.prompt_mode: reference, or remove dnd.prompts"
+        )
+    if dnd["prompt_mode"] == "reference" and check_paths:
+        try:
+            prompts.load_prompts(dnd["prompts"])
+        except prompts.PromptFileError as err:
+            raise ConfigError(f"config key 'dnd.prompts': {err}") from None
     similarity = dnd["scoring"]["similarity"]
     check_model_folders(
         {
@@ -125,9 +141,8 @@ METHOD = Method(
     observe=plan.observe,
     settings=settings,
     models=models,
-    # before methods had sections, these were top-level keys or keys of `llm`
     moved_keys={
-        **{f"llm.{key}": f"dnd.{key}" for key in PROPOSAL_KEYS},
+        **{f"llm.{key}": f"dnd.{key}" for key in LLM_KEYS},
         "synthesizer": "dnd.synthesizer",
         "scoring": "dnd.scoring",
     },

@@ -2,14 +2,18 @@
 
 Three proposers share one interface, `propose(neurons) -> [NeuronConcepts]`:
 
-- `ReferenceProposer` makes the paper's calls: one request per caption to simplify it, then N
-  requests that each summarise the shuffled simplified captions into a 1-5 word concept (plus a
-  re-summary when a reply lists several concepts). At least K + N requests per neuron.
+- `ReferenceProposer` makes the paper's calls, with the texts of a prompt file (`prompts`): one
+  request per caption to simplify it, then N requests that each summarise the simplified
+  captions (in order, then shuffled) into a concept, plus a bare re-ask when a reply lists
+  several concepts. At least K + N requests per neuron. Its replies are post-processed as the
+  authors' code does (see `_reference_label` and `reference_join`).
 - `BatchedProposer` (default) asks once per neuron, or once per group of neurons, for all N
   candidates as strict JSON.
 - `FrequencyProposer` (llm backend `none`) takes the most shared caption phrases; no model.
 
-Candidates are lower-cased and de-duplicated. A neuron whose reply stays malformed after one
+Candidates are lower-cased and de-duplicated; `max_words` drops longer ones (None keeps them, as
+the authors' code does) and `background_variants` adds "X background" for a candidate whose last
+word is design(s) or graphic(s) (the authors' rule, to help the image model draw vague labels). A neuron whose reply stays malformed after one
 repair is recorded as failed with its raw replies, never given a made-up label.
 """
 
@@ -28,42 +32,12 @@ from typing import Any, Protocol
 from neuroscribe.backends import llm_client
 from neuroscribe.backends.llm import ChatReply, ChatRequest, LLMClient, LLMError, MalformedReply
 from neuroscribe.cache import DiskCache
+from neuroscribe.methods.dnd.prompts import PromptSet, load_prompts
 from neuroscribe.words import FrequencySummariser
 
 log = logging.getLogger(__name__)
 
 MAX_WORDS = 5
-
-# The call structure of the paper's `reference` mode (Bai et al.), in our own words: the
-# authors' code carries no license, so neither its prompt texts nor its examples are shipped.
-SUMMARY_INSTRUCTION = (
-    "Give one short concept, one to five words, that captures what most (not necessarily all) "
-    "of these descriptions have in common: "
-)
-SUMMARY_PREFIX = (
-    "Reply with the concept alone: no quotation marks, no full stop at the end, and not a copy "
-    "of any one description. "
-)
-SUMMARY_EXAMPLES = (
-    (
-        "a green field with a brown fence, a horse grazing on green grass, green leaves on a "
-        "tree branch, a close up of green moss on a rock, a golf course on a sunny day",
-        "green vegetation",
-    ),
-    (
-        "a zebra standing in the savanna, a black and white striped shirt, a crosswalk on a "
-        "city street, a barcode on a white label, a striped umbrella on a beach",
-        "black and white stripes",
-    ),
-)
-SIMPLIFY_INSTRUCTION = (
-    "Reply with one short concept and nothing else (no numbering, quotation marks or full stop "
-    "at the end). Shorten this description to its main concept, leaving incidental details out: "
-)
-SIMPLIFY_EXAMPLE = (
-    "a blue sky with a blue sky and a blue sky with white clouds in the blue sky",
-    "a blue sky with clouds",
-)
 
 BATCHED_SYSTEM = (
     "You describe what individual neurons of a vision model detect, from captions of the images "
@@ -81,6 +55,8 @@ class ConceptSettings:
     max_tokens: int = 256
     seed: int = 0
     neurons_per_request: int = 1
+    max_words: int | None = MAX_WORDS  # None: keep candidates of any length
+    background_variants: bool = False
 
 
 @dataclass
@@ -138,14 +114,45 @@ def unique(concepts: Sequence[str]) -> list[str]:
     return list(seen)
 
 
-def check_concept(concept: Any) -> str:
-    """A candidate from a JSON reply: a string of 1 to 5 words (else ValueError)."""
+def check_concept(concept: Any, max_words: int | None = MAX_WORDS) -> str:
+    """A candidate from a JSON reply: a string of 1 to `max_words` words (else ValueError)."""
     if not isinstance(concept, str):
         raise ValueError(f"concept {concept!r} is not a string")
     text = normalise(concept)
     n_words = len(text.split())
-    if not 1 <= n_words <= MAX_WORDS:
-        raise ValueError(f"concept {concept!r} has {n_words} words; each must have 1-{MAX_WORDS}")
+    if n_words < 1 or (max_words is not None and n_words > max_words):
+        raise ValueError(
+            f"concept {concept!r} has {n_words} words; each must have 1-{max_words or 'any'}"
+        )
+    return text
+
+
+# the authors' rule: a label ending in one of these words also gets "... background"
+VAGUE_LAST_WORDS = frozenset({"design", "designs", "graphic", "graphics"})
+
+
+def background_variants(replies: Sequence[str]) -> list[str]:
+    """The candidates of some replies, each followed by its "X background" variant when its last
+    word is vague (design(s), graphic(s)). As in the authors' code, the word is checked before a
+    final full stop is removed, so "abstract designs." gets no variant."""
+    out: list[str] = []
+    for reply in replies:
+        lower = reply.lower()
+        out.append(lower)
+        words = lower.split()
+        if words and words[-1] in VAGUE_LAST_WORDS:
+            out.append(f"{lower} background")
+    return out
+
+
+def reference_join(items: Sequence[str]) -> str:
+    """Items joined as the authors' code joins them: ", " after each item that differs from the
+    last one. So an item equal to the last is glued to the next ("a, bb, b" for [a, b, b])."""
+    text = ""
+    for item in items:
+        text += item
+        if item != items[-1]:
+            text += ", "
     return text
 
 
@@ -193,7 +200,7 @@ class BatchedProposer:
         )
 
     def validator(self, ids: Sequence[int]):
-        n = self.settings.n
+        n, max_words = self.settings.n, self.settings.max_words
 
         def validate(value: Any) -> dict[int, list[str]]:
             if not isinstance(value, dict) or not isinstance(value.get("neurons"), list):
@@ -211,7 +218,7 @@ class BatchedProposer:
                     raise ValueError(
                         f"neuron {neuron}: {len(entry['concepts'])} concepts, expected {n}"
                     )
-                found[neuron] = unique([check_concept(c) for c in entry["concepts"][:n]])
+                found[neuron] = unique([check_concept(c, max_words) for c in entry["concepts"][:n]])
             missing = [i for i in ids if i not in found]
             if missing:
                 raise ValueError(f"no concepts for neuron(s) {missing}")
@@ -234,7 +241,7 @@ class BatchedProposer:
             return records
         first.count(reply.replies)
         for r in records:
-            r.candidates = reply.value[r.neuron]
+            r.candidates = _finish(reply.value[r.neuron], self.settings)
             r.raw_replies = [c.text for c in reply.replies]
         return records
 
@@ -245,15 +252,22 @@ class BatchedProposer:
 
 
 class ReferenceProposer:
-    """The paper's request structure: simplify every caption, then N shuffled summaries."""
+    """The paper's request structure, with the texts of a prompt file: simplify every caption,
+    then N summaries of the simplified captions (in order first, then shuffled), each re-asked
+    once, bare, when its reply lists several concepts."""
 
-    def __init__(self, client: LLMClient, settings: ConceptSettings) -> None:
+    def __init__(
+        self, client: LLMClient, settings: ConceptSettings, prompts: PromptSet | None = None
+    ) -> None:
         self.client = client
         self.settings = settings
+        self.prompts = prompts or load_prompts(None)
 
     @property
     def id(self) -> str:
-        return f"reference:{self.client.backend.id}:{self.settings.model}"
+        return (
+            f"reference:{self.client.backend.id}:{self.settings.model}:prompts={self.prompts.name}"
+        )
 
     def _ask(self, messages: list[tuple[str, str]], seed: int) -> ChatRequest:
         s = self.settings
@@ -266,56 +280,53 @@ class ReferenceProposer:
         )
 
     def simplify_request(self, caption: str) -> ChatRequest:
-        example, answer = SIMPLIFY_EXAMPLE
-        return self._ask(
-            [
-                ("user", SIMPLIFY_INSTRUCTION + example),
-                ("assistant", answer),
-                ("user", SIMPLIFY_INSTRUCTION + caption),
-            ],
-            self.settings.seed,
-        )
+        return self._ask(self.prompts.simplify.messages(caption), self.settings.seed)
 
     def summary_request(self, descriptions: Sequence[str], seed: int) -> ChatRequest:
-        messages: list[tuple[str, str]] = []
-        for example, answer in SUMMARY_EXAMPLES:
-            messages += [("user", SUMMARY_INSTRUCTION + example), ("assistant", answer)]
-        messages.append(("user", SUMMARY_PREFIX + SUMMARY_INSTRUCTION + ", ".join(descriptions)))
-        return self._ask(messages, seed)
+        return self._ask(self.prompts.summarise.messages(reference_join(descriptions)), seed)
+
+    def reask_request(self, parts: Sequence[str], seed: int) -> ChatRequest:
+        return self._ask(self.prompts.reask.messages(reference_join(parts)), seed)
 
     @staticmethod
     def _label(text: str) -> str:
-        # the paper keeps what follows a "Label:"-style prefix
-        return text.split(":", 1)[1] if ":" in text else text
+        # as the authors' code: a reply with a colon keeps what lies between the first two
+        return text.split(":")[1] if ":" in text else text
 
     def _neuron(self, neuron: int, captions: list[str]) -> NeuronConcepts:
+        s = self.settings
         record = NeuronConcepts(neuron)
         simple = self.client.chat_many([self.simplify_request(c) for c in captions])
         record.count(simple)
-        simplified = [normalise(r.text) or c for r, c in zip(simple, captions, strict=True)]
+        # the replies are used as they are (an empty one falls back to its caption)
+        simplified = [
+            r.text if r.text.strip() else c for r, c in zip(simple, captions, strict=True)
+        ]
         raw: list[str] = []
         asked: list[ChatRequest] = []
-        for i in range(self.settings.n):
+        labels: list[str] = []
+        for i in range(s.n):
             order = list(simplified)
-            random.Random(f"{self.settings.seed}:{neuron}:{i}").shuffle(order)
-            asked.append(self.summary_request(order, seed=self.settings.seed + i))
+            if i:  # the first summary sees the captions in rank order, the others shuffled
+                random.Random(f"{s.seed}:{neuron}:{i}").shuffle(order)
+            asked.append(self.summary_request(order, seed=s.seed + i))
             reply = self.client.chat(asked[-1])
             record.count([reply])
             raw.append(reply.text)
             text = self._label(reply.text)
             if "," in text:
-                # several labels in one reply: the paper asks once more to merge them
-                parts = [p.strip() for p in text.split(",") if p.strip()]
-                asked.append(self.summary_request(parts, seed=self.settings.seed + i))
+                # several labels in one reply: asked once more, bare, to merge them
+                asked.append(self.reask_request(text.split(","), seed=s.seed + i))
                 again = self.client.chat(asked[-1])
                 record.count([again])
                 raw.append(again.text)
                 text = self._label(again.text)
-            record.candidates.append(text)
+            labels.append(text)
         record.raw_replies = raw
-        record.candidates = [c for c in unique(record.candidates) if len(c.split()) <= MAX_WORDS]
+        record.candidates = _finish(labels, s)
         if not record.candidates:
-            record.error = f"no usable 1-{MAX_WORDS} word concept in the replies {raw!r}"
+            words = f"1-{s.max_words} word" if s.max_words is not None else "non-empty"
+            record.error = f"no usable {words} concept in the replies {raw!r}"
             for request in asked:  # none was an answer: a later run asks again
                 self.client.reject(request, record.error)
         return record
@@ -324,6 +335,17 @@ class ReferenceProposer:
         return _concurrently(
             lambda item: [self._neuron(*item)], list(neurons), self.client.max_concurrency
         )
+
+
+def _finish(labels: Sequence[str], settings: ConceptSettings) -> list[str]:
+    """A neuron's candidates from its labels: background variants when asked for, normalised,
+    de-duplicated, and at most `max_words` long."""
+    if settings.background_variants:
+        labels = background_variants(labels)
+    found = unique(labels)
+    if settings.max_words is None:
+        return found
+    return [c for c in found if len(c.split()) <= settings.max_words]
 
 
 class FrequencyProposer:
@@ -365,10 +387,12 @@ def build_proposer(
         max_tokens=cfg["max_tokens"],
         seed=cfg["seed"],
         neurons_per_request=cfg["neurons_per_request"],
+        max_words=cfg.get("max_words", MAX_WORDS),
+        background_variants=cfg.get("background_variants", False),
     )
     client = llm_client(cfg, cache, device, dtype)
     if cfg["prompt_mode"] == "reference":
-        return ReferenceProposer(client, settings)
+        return ReferenceProposer(client, settings, load_prompts(cfg.get("prompts")))
     return BatchedProposer(client, settings)
 
 

@@ -48,7 +48,8 @@ def estimate(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
             "llm": llm_estimate(described, top_k, backend, dnd),
         }
     synth = dnd["synthesizer"]
-    prompts = n_neurons * dnd["candidates"]
+    # a background variant can double a neuron's candidates
+    prompts = n_neurons * dnd["candidates"] * (2 if dnd["background_variants"] else 1)
     images = prompts * synth["images_per_concept"]
     estimates = {
         "exemplars_to_caption": n_neurons * top_k,
