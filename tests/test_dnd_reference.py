@@ -18,6 +18,7 @@ from neuroscribe.config import ConfigError, validate_config
 from neuroscribe.methods.dnd import METHOD, settings
 from neuroscribe.methods.dnd.concepts import (
     ConceptSettings,
+    FrequencyProposer,
     ReferenceProposer,
     background_variants,
     build_proposer,
@@ -182,6 +183,12 @@ def test_design_and_graphics_get_a_background_variant() -> None:
     ]
     # checked before the final full stop goes, as in the authors' code
     assert background_variants(["floral designs."]) == ["floral designs."]
+
+
+def test_background_rule_without_an_llm() -> None:
+    captions = ["abstract graphics", "abstract graphics on paper", "bold abstract graphics"]
+    (record,) = FrequencyProposer(n=1, background=True).propose([(0, captions)])
+    assert record.candidates == ["abstract graphics", "abstract graphics background"]
 
 
 def test_long_candidates_kept_or_dropped_by_max_words(prompt_file: Path) -> None:

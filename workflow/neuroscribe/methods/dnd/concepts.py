@@ -6,15 +6,16 @@ Three proposers share one interface, `propose(neurons) -> [NeuronConcepts]`:
   request per caption to simplify it, then N requests that each summarise the simplified
   captions (in order, then shuffled) into a concept, plus a bare re-ask when a reply lists
   several concepts. At least K + N requests per neuron. Its replies are post-processed as the
-  authors' code does (see `_reference_label` and `reference_join`).
+  authors' code does (see `ReferenceProposer._label` and `reference_join`).
 - `BatchedProposer` (default) asks once per neuron, or once per group of neurons, for all N
   candidates as strict JSON.
 - `FrequencyProposer` (llm backend `none`) takes the most shared caption phrases; no model.
 
 Candidates are lower-cased and de-duplicated; `max_words` drops longer ones (None keeps them, as
 the authors' code does) and `background_variants` adds "X background" for a candidate whose last
-word is design(s) or graphic(s) (the authors' rule, to help the image model draw vague labels). A neuron whose reply stays malformed after one
-repair is recorded as failed with its raw replies, never given a made-up label.
+word is design(s) or graphic(s) (the authors' rule, to help the image model draw vague labels).
+A neuron whose reply stays malformed after one repair is recorded as failed with its raw
+replies, never given a made-up label.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def background_variants(replies: Sequence[str]) -> list[str]:
 
 def reference_join(items: Sequence[str]) -> str:
     """Items joined as the authors' code joins them: ", " after each item that differs from the
-    last one. So an item equal to the last is glued to the next ("a, bb, b" for [a, b, b])."""
+    last one. So an item equal to the last is glued to the next ("a, bb" for [a, b, b])."""
     text = ""
     for item in items:
         text += item
@@ -353,9 +354,15 @@ class FrequencyProposer:
     other neurons of the same call (one chunk), ranked tf-idf style; no model, no requests.
     """
 
-    def __init__(self, n: int = 5, summariser: FrequencySummariser | None = None) -> None:
+    def __init__(
+        self,
+        n: int = 5,
+        summariser: FrequencySummariser | None = None,
+        background: bool = False,
+    ) -> None:
         self.n = n
         self.summariser = summariser or FrequencySummariser(max_words=MAX_WORDS)
+        self.background = background  # `background_variants`, as for the LLM proposers
 
     @property
     def id(self) -> str:
@@ -367,6 +374,8 @@ class FrequencyProposer:
         records = []
         for neuron, captions in neurons:
             candidates = self.summariser.propose(captions, self.n, df, len(neurons))
+            if self.background:
+                candidates = unique(background_variants(candidates))
             record = NeuronConcepts(neuron, candidates=candidates)
             if not record.candidates:
                 record.error = "the captions hold no content words to summarise"
@@ -379,7 +388,9 @@ def build_proposer(
 ) -> Proposer:
     """The concept proposer of the configured llm backend and prompt mode."""
     if cfg["backend"] == "none":
-        return FrequencyProposer(n=cfg["candidates"])
+        return FrequencyProposer(
+            n=cfg["candidates"], background=cfg.get("background_variants", False)
+        )
     settings = ConceptSettings(
         model=cfg["model"],
         n=cfg["candidates"],
