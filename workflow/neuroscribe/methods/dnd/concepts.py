@@ -388,8 +388,11 @@ def build_proposer(
 ) -> Proposer:
     """The concept proposer of the configured llm backend and prompt mode."""
     if cfg["backend"] == "none":
+        # phrases of up to max_words words (null: the summariser's 5; captions are short)
         return FrequencyProposer(
-            n=cfg["candidates"], background=cfg.get("background_variants", False)
+            n=cfg["candidates"],
+            summariser=FrequencySummariser(max_words=cfg.get("max_words") or MAX_WORDS),
+            background=cfg.get("background_variants", False),
         )
     settings = ConceptSettings(
         model=cfg["model"],
