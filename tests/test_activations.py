@@ -13,12 +13,11 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import REPO
+from factories import mixed_probe
 from neuroscribe.activations import extract_shard
-from neuroscribe.config import DatasetSpec, LayerSpec, TargetSpec, Transform
-from neuroscribe.demo.world import images_folder, render_world
+from neuroscribe.config import LayerSpec, TargetSpec, Transform
 from neuroscribe.merge import merge_layer
 from neuroscribe.models import build_target
-from neuroscribe.probe import build_manifest
 
 FACTORIES = REPO / "tests" / "factories.py"
 
@@ -26,20 +25,7 @@ FACTORIES = REPO / "tests" / "factories.py"
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """30 demo images, with odd sizes mixed in, and their manifest."""
-    root = tmp_path_factory.mktemp("probe")
-    render_world(root / "world", n_images=27, size=48, seed=5)
-    images = images_folder(root / "world")
-    rng = np.random.default_rng(0)
-    for i, (w, h) in enumerate([(80, 40), (33, 57), (64, 64)]):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-            images / f"odd{i}.png"
-        )
-    build_manifest(
-        [DatasetSpec(name="p", type="folder", path=str(images))],
-        root,
-        root / "manifest.parquet",
-        root / "rejected.parquet",
-    )
+    root = mixed_probe(tmp_path_factory.mktemp("probe"), 27, [(80, 40), (33, 57), (64, 64)])
     return root
 
 

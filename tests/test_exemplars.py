@@ -12,14 +12,13 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from factories import mixed_probe
 from neuroscribe.activations import extract_shard
 from neuroscribe.backends.captioners import exemplar_view
-from neuroscribe.config import DatasetSpec, LayerSpec, TargetSpec, Transform
-from neuroscribe.demo.world import images_folder, render_world
+from neuroscribe.config import LayerSpec, TargetSpec, Transform
 from neuroscribe.exemplars import chunk_exemplars
 from neuroscribe.merge import merge_layer
 from neuroscribe.models import build_target
-from neuroscribe.probe import build_manifest
 
 CONV3 = LayerSpec("conv3", "all", "max", "cls")
 TARGET = TargetSpec(
@@ -37,20 +36,7 @@ NEURONS = [3, 17]
 def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 demo images and 3 of odd aspect ratios, their manifest, and the merged conv3 file
     (top-6: every image is a top image of every neuron)."""
-    root = tmp_path_factory.mktemp("probe")
-    render_world(root / "world", n_images=3, size=48, seed=5)
-    images = images_folder(root / "world")
-    rng = np.random.default_rng(0)
-    for i, (w, h) in enumerate([(96, 32), (33, 57), (120, 40)]):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-            images / f"odd{i}.png"
-        )
-    build_manifest(
-        [DatasetSpec(name="p", type="folder", path=str(images))],
-        root,
-        root / "manifest.parquet",
-        root / "rejected.parquet",
-    )
+    root = mixed_probe(tmp_path_factory.mktemp("probe"), 3, [(96, 32), (33, 57), (120, 40)])
     extract_shard(root / "manifest.parquet", TARGET, [CONV3], 0, 1, root / "s.h5", workers=0)
     merge_layer([root / "s.h5"], TARGET, CONV3, root / "conv3.h5", top_k=N_IMAGES)
     return root
