@@ -182,9 +182,8 @@ class BatchedProposer:
         prompt = (
             "\n\n".join(blocks)
             + f"\n\nFor each neuron above, give {s.n} different candidate concept labels, each "
-            "1-5 words long, that semantically summarize and represent most, not necessarily "
-            "all, of the conceptual similarities in its captions. Put the best candidate first "
-            "and do not simply repeat a caption.\n"
+            "1-5 words long, that name what most of its captions (not always every one) show. "
+            "Put the best candidate first and do not simply repeat a caption.\n"
             f"Reply with a JSON object shaped like {example}, with one entry per neuron and "
             f"exactly {s.n} concepts each."
         )
