@@ -32,6 +32,8 @@ demo: install
 	@echo "ground-truth check: results/demo/evaluation.parquet; the probe manifest:"
 	@echo "results/demo/probe/manifest.parquet; logs: results/demo/logs/."
 	@sed -n 's/.*neuroscribe.demo.evaluation: /  /p' results/demo/logs/evaluate_demo.log
+	@echo "Every method on the held-out images (results/demo/evaluation/summary.csv):"
+	@sed -n 's/.*neuroscribe.evaluation.stage: /  /p' results/demo/logs/evaluation_summary.log
 
 plan: install
 	snakemake --profile profiles/local --configfile config/demo.yaml plan

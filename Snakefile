@@ -19,6 +19,7 @@ for _rules in method_rules():
 
 
 include: "workflow/rules/describe.smk"
+include: "workflow/rules/evaluation.smk"
 
 
 # The intermediate outputs are listed too, so a deleted activation file or chunk is rebuilt on

@@ -80,7 +80,7 @@ def test_an_unknown_method_lists_the_registered_ones() -> None:
     with pytest.raises(ConfigError) as err:
         validate_config(small_demo(methods=["topk", "tellme"]))
     assert str(err.value) == (
-        "config key 'methods[1]': 'tellme' is not allowed; allowed values: topk, dnd"
+        "config key 'methods[1]': 'tellme' is not allowed; allowed values: topk, dnd, clipdissect"
     )
 
 
@@ -144,7 +144,7 @@ def test_the_cli_runs_each_registered_stage(plugin: Path) -> None:
             "merge",
             {"shards": [], "target": {}, "layer": {}, "out": "x.h5", "topk": 5},
             "error: stage 'merge': unknown argument 'topk'; it takes shards, target, layer, "
-            "out, top_k\n",
+            "out, top_k, holdout\n",
         ),
         (
             "concepts",

@@ -51,6 +51,8 @@ def test_each_section_row_names_every_key_of_its_section() -> None:
         "captioner": _properties(SCHEMA["properties"]["captioner"]),
         "llm": _properties(SCHEMA["properties"]["llm"]),
         "dnd": _properties(SCHEMA["properties"]["dnd"]),
+        "evaluation": _properties(SCHEMA["properties"]["evaluation"]),
+        "clipdissect": _properties(SCHEMA["properties"]["clipdissect"]),
     }
     for name, keys in sections.items():
         missing = set(keys) - _named(table[name])

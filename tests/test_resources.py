@@ -37,6 +37,7 @@ def test_no_gpu_on_a_cpu_run_or_for_backends_without_a_model() -> None:
     offline = validate_config(config(device="auto"))
     # the demo's captioner, llm and synthesizer read tables or render: no GPU to wait for
     assert [stage_gpus(offline, s) for s in ("captions", "concepts", "synthesis")] == [0, 0, 0]
+    assert stage_gpus(offline, "clipdissect") == 0  # the annotations backend
     assert [stage_gpus(offline, s) for s in ("activations", "exemplars", "scores")] == [1, 1, 1]
     assert [stage_gpus(offline, s) for s in ("manifest", "merge", "describe", "train")] == [0] * 4
     models = config(
@@ -44,11 +45,13 @@ def test_no_gpu_on_a_cpu_run_or_for_backends_without_a_model() -> None:
         captioner={"backend": "blip"},
         llm={"backend": "local"},
         dnd={"synthesizer": {"backend": "diffusers"}},
+        clipdissect={"backend": "clip"},
     )
     models["probe"]["datasets"] = [{"name": "photos", "type": "folder", "path": str(REPO)}]
     models["resources"]["synthesis"]["gpus"] = 2
     real = validate_config(models)
     assert [stage_gpus(real, s) for s in ("captions", "concepts", "synthesis")] == [1, 1, 2]
+    assert stage_gpus(real, "clipdissect") == 1
     api = validate_config(config(device="cuda", llm={"backend": "openai", "api_key_env": None}))
     assert stage_gpus(api, "concepts") == 0
 

@@ -33,6 +33,8 @@ CORE_STAGES = {
     "exemplars": "neuroscribe.exemplars:chunk_exemplars",
     "describe": "neuroscribe.describe:write_descriptions",
     "evaluate": "neuroscribe.demo.evaluation:write_evaluation",
+    "evaluate-layer": "neuroscribe.evaluation.stage:evaluate_layer",
+    "evaluate-summary": "neuroscribe.evaluation.stage:summarise",
     "plan": "neuroscribe.plan:run_plan",
     "check-weights": "neuroscribe.weights:check_weights",
     "prefetch": "neuroscribe.prefetch:run_prefetch",

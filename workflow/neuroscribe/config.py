@@ -119,6 +119,7 @@ CORE_STAGES = (
     "exemplars",
     "describe",
     "evaluate",
+    "evaluation",
     "plan",
 )
 

@@ -35,7 +35,8 @@ def chunk_groups(config: dict[str, Any]) -> dict[str, str]:
 
     groups = {"exemplars": EXEMPLARS_GROUP}
     for name, stage in methods.all_stages(config).items():
-        groups[name] = stage.group
+        if not stage.per_layer:  # a layer's job belongs to no chunk's group
+            groups[name] = stage.group
     return groups
 
 
@@ -136,6 +137,10 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
                 Chunk(target.name, layer.name, i, tuple(selected[s : s + size]))
                 for i, s in enumerate(range(0, len(selected), size))
             ]
+    if config["evaluation"]["enabled"]:
+        from neuroscribe.evaluation.classes import check_class_files
+
+        check_class_files(config, output_layers, layer_sizes)
     datasets = datasets_from_config(config)
     survey = survey_probe(datasets)
     if survey.files == 0:

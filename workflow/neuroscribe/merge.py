@@ -76,9 +76,17 @@ def _topk(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def merge_layer(
-    shards: list[str | Path], target: TargetSpec, layer: LayerSpec, out: str | Path, top_k: int
+    shards: list[str | Path],
+    target: TargetSpec,
+    layer: LayerSpec,
+    out: str | Path,
+    top_k: int,
+    holdout: float = 0.0,
 ) -> None:
-    """Concatenate one layer's shard matrices into [images, neurons] and find each neuron's top-K."""
+    """Concatenate one layer's shard matrices into [images, neurons] and find each neuron's top-K
+    among the images not held out for evaluation (`holdout`: their share; 0 holds none out)."""
+    from neuroscribe.evaluation.split import heldout_mask
+
     handles = [h5py.File(p, "r", locking=False) for p in shards]
     try:
         stored = {tuple(stored_neurons(h, layer.name)) for h in handles if len(h["rows"])}
@@ -92,7 +100,8 @@ def merge_layer(
         rows = np.concatenate([h["rows"][:] for h in handles])
         ids = np.concatenate([h["image_ids"][:] for h in handles])
         n_images = len(rows)
-        k = min(top_k, n_images)
+        heldout = heldout_mask(ids, holdout)
+        k = min(top_k, n_images - int(heldout.sum()))
         with atomic_path(out) as tmp, h5py.File(tmp, "w", locking=False) as h5:
             matrix = h5.create_dataset(
                 "activations",
@@ -108,7 +117,8 @@ def merge_layer(
                     [h["layers"][layer.name][:, start:stop] for h in handles if len(h["rows"])]
                 )
                 matrix[:, start:stop] = block
-                order, values = _topk(block, k)
+                # no method may see a held-out image: none is among the top-K
+                order, values = _topk(np.where(heldout[:, None], np.nan, block), k)
                 top_rows[start:stop] = rows[order]
                 top_values[start:stop] = values
             position = np.empty(rows.max() + 1, dtype=np.int64)
@@ -116,11 +126,14 @@ def merge_layer(
             h5.create_dataset("neurons", data=np.asarray(neurons, dtype=np.int64))
             h5.create_dataset("rows", data=rows)
             h5.create_dataset("image_ids", data=ids)
+            h5.create_dataset("heldout", data=heldout)
             h5.create_dataset("topk_rows", data=top_rows)
             h5.create_dataset("topk_ids", data=ids[position[top_rows]])
             h5.create_dataset("topk_values", data=top_values)
             h5.attrs.update(layer_attrs(target, layer))
-            h5.attrs.update({"n_images": n_images, "n_neurons": n_neurons, "top_k": k})
+            h5.attrs.update(
+                {"n_images": n_images, "n_neurons": n_neurons, "top_k": k, "holdout": holdout}
+            )
     finally:
         for h in handles:
             h.close()

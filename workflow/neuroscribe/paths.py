@@ -55,6 +55,10 @@ class RunPaths:
         """The table a per-chunk stage (exemplars, or a method's stage) writes."""
         return f"{self.root}/{stage}/{model}/{layer}/{chunk}.parquet"
 
+    def layer_table(self, stage: str, model: str = MODEL, layer: str = LAYER) -> str:
+        """The table a per-layer stage of a method writes (one job per layer)."""
+        return f"{self.root}/{stage}/{model}/{layer}.parquet"
+
     def chunk_files(self, stage: str) -> str:
         """A glob of every chunk table of a stage."""
         return f"{self.root}/{stage}/*/*/*.parquet"
@@ -82,6 +86,16 @@ class RunPaths:
     def evaluation(self) -> str:
         return f"{self.root}/evaluation.parquet"
 
+    def evaluation_layer(self, model: str = MODEL, layer: str = LAYER) -> str:
+        """One layer's held-out evaluation rows (every method, every metric)."""
+        return f"{self.root}/evaluation/{model}/{layer}.parquet"
+
+    def evaluation_neurons(self) -> str:
+        return f"{self.root}/evaluation/neurons.parquet"
+
+    def evaluation_summary(self, suffix: str = "parquet") -> str:
+        return f"{self.root}/evaluation/summary.{suffix}"
+
     @property
     def plan(self) -> str:
         return f"{self.root}/plan.json"
@@ -107,3 +121,9 @@ class RunPaths:
 
     def chunk_benchmark(self, rule: str) -> str:
         return self.benchmark(rule, MODEL, LAYER, CHUNK)
+
+    def layer_log(self, rule: str) -> str:
+        return self.log(rule, MODEL, LAYER)
+
+    def layer_benchmark(self, rule: str) -> str:
+        return self.benchmark(rule, MODEL, LAYER)

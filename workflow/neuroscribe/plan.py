@@ -23,7 +23,7 @@ CORE_BEFORE = (
     "merge_activations",
     "exemplars",
 )
-CORE_AFTER = ("describe",)
+CORE_AFTER = ("describe", "evaluate_layer", "evaluation_summary")
 
 
 def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
@@ -51,10 +51,16 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
         "exemplars": n_chunks,
         "describe": 1,
     }
+    evaluation = config["evaluation"]
+    if evaluation["enabled"]:
+        jobs |= {"evaluate_layer": len(layout.chunks), "evaluation_summary": 1}
     n_neurons = sum(len(c.neurons) for c in layout.all_chunks())
     estimates: dict[str, Any] = {"target_forward_images": layout.n_candidates * n_targets}
     for method in methods.enabled(config):
-        jobs |= {stage.name: n_chunks for stage in method.stages}
+        jobs |= {
+            stage.name: len(layout.chunks) if stage.per_layer else n_chunks
+            for stage in method.stages
+        }
         if method.plan is None:
             continue
         planned = method.plan(layout, config)
@@ -74,6 +80,7 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
             "shards": layout.n_shards,
             "shard_size": config["shard_size"],
         },
+        "split": split_sizes(layout, evaluation),
         "targets": {name: t.spec for name, t in layout.targets.items()},
         "layers": layers,
         "neurons": n_neurons,
@@ -82,6 +89,32 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
         "jobs": {k: v for k, v in jobs.items() if v},
         "total_jobs": sum(jobs.values()),
         "estimates": estimates,
+    }
+
+
+def split_sizes(layout: Layout, evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """The held-out split's sizes (None with evaluation off): exact once the manifest exists,
+    else the expected share of the probe files."""
+    if not evaluation["enabled"]:
+        return None
+    import pandas as pd
+
+    from neuroscribe.evaluation.split import heldout_mask
+
+    manifest = Path(layout.paths.manifest)
+    if manifest.is_file():
+        ids = pd.read_parquet(manifest, columns=["image_id"])["image_id"]
+        held, exact = int(heldout_mask(ids, evaluation["holdout"]).sum()), True
+        total = len(ids)
+    else:
+        total = layout.n_candidates
+        held, exact = round(total * evaluation["holdout"]), False
+    return {
+        "holdout": evaluation["holdout"],
+        "images": total,
+        "heldout": held,
+        "seen_by_methods": total - held,
+        "exact": exact,
     }
 
 
@@ -177,6 +210,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"in {len(probe['datasets'])} dataset(s) "
         f"({', '.join(probe['datasets'])}), {probe['shards']} shard(s) of ≤{probe['shard_size']}",
         f"  methods: {', '.join(plan['methods'])}; top-{plan['top_k']} images per neuron",
+        *_format_split(plan.get("split")),
         "  neurons per layer:",
     ]
     for model, layers in plan["layers"].items():
@@ -204,11 +238,23 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _format_split(split: dict[str, Any] | None) -> list[str]:
+    if split is None:
+        return []
+    about = "" if split["exact"] else "about "
+    return [
+        f"  evaluation: {about}{split['heldout']} of {split['images']} probe images held out "
+        f"({split['holdout']:.0%}, by image id); the methods see the other "
+        f"{about}{split['seen_by_methods']}"
+    ]
+
+
 # rules whose `resources.<stage>` entry has another name; every other rule's is its own name
 RULE_STAGES = {
     "probe_manifest": "manifest",
     "train_demo_target": "train",
     "merge_activations": "merge",
+    "evaluate_layer": "evaluation",
 }
 # warn when a measured peak comes this close to the request: the next, slightly larger chunk
 # or layer is killed for memory and retried with more (on SLURM, an out-of-memory retry loop)

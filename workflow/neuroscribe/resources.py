@@ -24,6 +24,8 @@ def stage_uses_gpu(config: dict[str, Any], stage: str) -> bool:
     """Whether the stage's backend computes anything on a GPU at all (device aside)."""
     from neuroscribe import methods
 
+    if stage == "evaluation":  # the clip simulator embeds images; annotations run no model
+        return config["evaluation"]["simulator"]["backend"] == "clip"
     method_stages = methods.all_stages(config)
     if stage in method_stages:
         return method_stages[stage].uses_gpu(config)

@@ -51,6 +51,18 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def singular(word: str) -> str:
+    """A plural folded to its singular by the common English endings ("stripes" -> "stripe",
+    "daisies" -> "daisy", "crosses" -> "cross"); other words as they are."""
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 4 and word.endswith(("ches", "shes", "sses", "xes", "zes")):
+        return word[:-2]  # "crosses" -> "cross", "boxes" -> "box"
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
 def word_counts(texts: Sequence[str]) -> Counter[str]:
     """Content-word frequencies over all texts (for word clouds)."""
     return Counter(w for text in texts for w in words(text) if w not in STOPWORDS)

@@ -62,6 +62,7 @@ rule merge_activations:
                 "layer": layer_target(w.model, w.layer)["layers"][0],
                 "out": output[0],
                 "top_k": config["top_k"],
+                "holdout": holdout(),
             }
         ),
     shell:

@@ -87,8 +87,10 @@ def result_settings(stage, wildcards):
     if stage == "activations":  # a shard holds every layer of the target
         return as_json({"target": target_dict(w.model)} | compute)
     if stage == "merge":
+        # the held-out share only when evaluation is on: other runs' params stay as they were
+        held = {"holdout": holdout()} if holdout() else {}
         return as_json(
-            {"target": layer_target(w.model, w.layer), "top_k": config["top_k"]}
+            {"target": layer_target(w.model, w.layer), "top_k": config["top_k"]} | held
         )
     if stage == "exemplars":
         chunk = LAYOUT.chunk(w.model, w.layer, w.chunk)
@@ -156,9 +158,38 @@ def trained_models():
     return [t.name for t in LAYOUT.targets.values() if t.train]
 
 
+def holdout():
+    """The share of probe images held out from every method (0 with evaluation off)."""
+    evaluation = config["evaluation"]
+    return evaluation["holdout"] if evaluation["enabled"] else 0.0
+
+
 def evaluation_outputs():
-    """The ground-truth evaluation, when the workflow trained a target on its demo world."""
-    return [PATHS.evaluation] if trained_models() and demo_dirs() else []
+    """The ground-truth evaluation, when the workflow trained a target on its demo world, and
+    the held-out evaluation of every method, when it is on."""
+    demo = [PATHS.evaluation] if trained_models() and demo_dirs() else []
+    held = (
+        [PATHS.evaluation_summary(), PATHS.evaluation_summary("csv")]
+        if holdout()
+        else []
+    )
+    return demo + held
+
+
+def evaluated_layers():
+    """(model, layer) of every described layer: each gets one evaluation job."""
+    return [(m, layer) for m in LAYOUT.layer_sizes for layer in LAYOUT.layer_sizes[m]]
+
+
+def simulated_worlds():
+    """(dataset, folder) of each demo world, when the evaluation's simulator reads annotations."""
+    backend = config["evaluation"]["simulator"]["backend"]
+    return demo_worlds_if(backend == "annotations")
+
+
+def classes_files():
+    """Each target's class-name file from the config (None: read from the target)."""
+    return {t["name"]: t.get("classes") for t in config["targets"]}
 
 
 def layer_files(model):
@@ -226,6 +257,11 @@ def annotation_world_pairs():
     if config["captioner"]["backend"] != "annotations":
         return []
     return demo_world_pairs()
+
+
+def demo_worlds_if(used):
+    """(dataset, folder) of each demo world when `used` (a backend reads their annotations)."""
+    return demo_world_pairs() if used else []
 
 
 def annotation_worlds(wildcards):
@@ -297,14 +333,23 @@ def method_rules():
     return [str(m.rules) for m in METHODS if m.rules is not None]
 
 
+def stage_outputs(stage):
+    """A method stage's tables: one per chunk, or one per layer for a per-layer stage."""
+    if methods.all_stages(config)[stage].per_layer:
+        return [
+            PATHS.layer_table(stage, model, layer) for model, layer in LAYOUT.chunks
+        ]
+    return chunk_outputs(stage)
+
+
 def method_outputs():
-    """Per-chunk outputs of the enabled methods, so a deleted one is recomputed."""
-    return [f for m in METHODS for s in m.stages for f in chunk_outputs(s.name)]
+    """Outputs of the enabled methods' stages, so a deleted one is recomputed."""
+    return [f for m in METHODS for s in m.stages for f in stage_outputs(s.name)]
 
 
 def stage_files():
-    """Each enabled method's chunk files, by stage, for the final table."""
-    return {m.name: {s.name: chunk_outputs(s.name) for s in m.stages} for m in METHODS}
+    """Each enabled method's chunk (or layer) files, by stage, for the final table."""
+    return {m.name: {s.name: stage_outputs(s.name) for s in m.stages} for m in METHODS}
 
 
 def details_outputs():

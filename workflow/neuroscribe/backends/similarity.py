@@ -161,6 +161,7 @@ class ClipSimilarity:
             self.processor = AutoImageProcessor.from_pretrained(model)
             self.model = CLIPModel.from_pretrained(model, dtype=self.dtype)
         self.model = self.model.to(self.device).eval()
+        self.tokenizer: Any = None
 
     @property
     def id(self) -> str:
@@ -183,3 +184,21 @@ class ClipSimilarity:
 
     def similarity(self, a: list[Image.Image], b: list[Image.Image]) -> float:
         return float((self.embed(a) @ self.embed(b).T).mean())
+
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings [N, D] (float32, on `device`), in one forward pass
+        (the caller batches); the tokenizer loads on first use."""
+        if not texts:
+            raise ValueError("no texts to embed")
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from neuroscribe.hub import fetching
+
+            with fetching(self.model_name, "similarity"):
+                self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        with torch.inference_mode():
+            out = self.model.get_text_features(**tokens.to(self.device))
+        features = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return nn.functional.normalize(features.float(), dim=1)

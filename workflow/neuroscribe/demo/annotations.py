@@ -2,7 +2,8 @@
 
 `render_world` writes one annotation row per image (relpath, label, caption, background and the
 objects with their boxes); `load_annotations` reads those of several worlds with the image ids the
-probe manifest gives their images. `AnnotationCaptioner` answers the captioner role from them.
+probe manifest gives their images. `AnnotationCaptioner` answers the captioner role from them,
+`AnnotationSimulator` the evaluation's simulator role.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from neuroscribe.backends.captioners import CaptionRequest
+from neuroscribe.backends.simulators import ProbeImage, Simulation, unusable
 from neuroscribe.demo.world import BACKGROUND_WORDS, WorldObject, annotations_path
 from neuroscribe.probe import image_id
 
@@ -76,3 +79,55 @@ class AnnotationCaptioner:
         if not inside:
             return f"{BACKGROUND_WORDS[row['background']]} background"
         return " and ".join(f"a {WorldObject.from_record(o).phrase()}" for o in inside)
+
+
+class AnnotationSimulator:
+    """The demo world's exact simulator: 1 where an image's annotation carries the label's
+    concept, else 0. The label is read with the world's own vocabulary (`parse_concept`); an
+    image carries it when one of its objects has every object attribute the label names
+    (shape, colour, texture, size) and its background is the one the label names, if any."""
+
+    id = "annotations"
+
+    def __init__(self, worlds: Iterable[tuple[str, str | Path]]) -> None:
+        table = load_annotations(worlds)
+        self._scenes = {
+            row["image_id"]: (list(row["objects"]), row["background"])
+            for row in table.to_dict("records")
+        }
+
+    def _carries(self, image_id: str, fixed: dict[str, str]) -> float:
+        scene = self._scenes.get(image_id)
+        if scene is None:
+            return float("nan")
+        objects, background = scene
+        if "background" in fixed and fixed["background"] != background:
+            return 0.0
+        wanted = {k: v for k, v in fixed.items() if k != "background"}
+        if not wanted:
+            return 1.0
+        return float(any(all(o[k] == v for k, v in wanted.items()) for o in objects))
+
+    def predict(self, labels: Sequence[str], images: Sequence[ProbeImage]) -> Simulation:
+        from neuroscribe.backends.synthesizers import UnrenderableConcept
+        from neuroscribe.demo.renderer import parse_concept
+
+        predictions = np.full((len(labels), len(images)), np.nan, dtype=np.float32)
+        reasons: list[str | None] = []
+        for j, label in enumerate(labels):
+            why = unusable(label)
+            if why is None:
+                try:
+                    fixed = parse_concept(label).fixed
+                except UnrenderableConcept:
+                    why = f"no word of the demo world's vocabulary in {label!r}"
+            reasons.append(why)
+            if why is None:
+                predictions[j] = [self._carries(i.image_id, fixed) for i in images]
+        missing = [i.image_id for i in images if i.image_id not in self._scenes]
+        if missing:
+            raise MissingAnnotation(
+                f"{len(missing)} evaluation images have no annotation (first: {missing[0]}); "
+                "the `annotations` simulator needs a probe set of demo worlds only"
+            )
+        return Simulation(predictions, reasons)

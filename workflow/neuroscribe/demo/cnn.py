@@ -50,6 +50,10 @@ def tiny_cnn(seed: int = 0) -> TinyCNN:
         return TinyCNN()
 
 
+# its output neurons name the world's shapes, in order (read by the evaluation's class names)
+tiny_cnn.class_names = list(SHAPES)  # type: ignore[attr-defined]
+
+
 def _dataset(
     n: int, size: int, seed: int, mean: list[float], std: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:

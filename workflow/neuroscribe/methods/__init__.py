@@ -30,6 +30,7 @@ ENTRY_POINT_GROUP = "neuroscribe.methods"
 BUILTIN = {
     "topk": "neuroscribe.methods.topk:METHOD",
     "dnd": "neuroscribe.methods.dnd:METHOD",
+    "clipdissect": "neuroscribe.methods.clipdissect:METHOD",
 }
 KEY = ["model", "layer", "neuron"]
 
@@ -40,8 +41,10 @@ def _never(config: dict[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class Stage:
-    """One per-chunk job of a method: rule `name` writes `{results}/{name}/{model}/{layer}/
-    {chunk}.parquet` by calling `function` ("module:function") with the rule's arguments."""
+    """One job per chunk of neurons of a method: rule `name` writes `{results}/{name}/{model}/
+    {layer}/{chunk}.parquet` by calling `function` ("module:function") with the rule's arguments;
+    or, with `per_layer`, one job per layer writing `{results}/{name}/{model}/{layer}.parquet`
+    (for a method whose result for one neuron depends on the layer's other neurons)."""
 
     name: str
     function: str
@@ -53,6 +56,8 @@ class Stage:
     uses_gpu: Callable[[dict[str, Any]], bool] = _never
     # calls the `llm` role's API: runs on the head node when the nodes cannot reach it
     calls_llm_api: bool = False
+    # one job per (model, layer) instead of per chunk; not part of a chunk's job group
+    per_layer: bool = False
 
 
 @dataclass(frozen=True)

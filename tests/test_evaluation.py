@@ -1,0 +1,266 @@
+"""The held-out evaluation: the split, the metrics on hand-computed cases, the shuffled control,
+class names from each kind of target, the simulators, and a layer's evaluation job end to end
+on a small demo world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from tiny_diffusion import build_tiny_clip
+
+from conftest import REPO
+from neuroscribe.activations import extract_shard
+from neuroscribe.backends.simulators import ClipSimulator, ProbeImage
+from neuroscribe.config import (
+    ConfigError,
+    DatasetSpec,
+    LayerSpec,
+    TargetSpec,
+    Transform,
+    validate_config,
+)
+from neuroscribe.demo.annotations import AnnotationSimulator
+from neuroscribe.demo.world import images_folder, render_world
+from neuroscribe.evaluation.classes import check_class_files, class_names, read_class_file
+from neuroscribe.evaluation.metrics import (
+    bootstrap_interval,
+    names_class,
+    pearson_rows,
+    shuffled,
+)
+from neuroscribe.evaluation.split import heldout_mask
+from neuroscribe.evaluation.stage import evaluate_layer, format_summary, summarise
+from neuroscribe.merge import merge_layer
+from neuroscribe.probe import build_manifest
+
+TRANSFORM = Transform(64, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def spec(kind_ref: str, weights: str | None = None) -> TargetSpec:
+    return TargetSpec("t", kind_ref, weights, TRANSFORM, ())
+
+
+def test_split_is_a_stable_function_of_the_image_id() -> None:
+    ids = [f"{i:016x}" for i in range(4000)]
+    fifth = heldout_mask(ids, 0.2)
+    assert abs(fifth.mean() - 0.2) < 0.02
+    assert (heldout_mask(list(reversed(ids)), 0.2) == fifth[::-1]).all()  # order-free
+    assert (fifth <= heldout_mask(ids, 0.3)).all()  # a larger share holds out a superset
+    assert not heldout_mask(ids, 0).any()
+    assert (heldout_mask([i.encode() for i in ids], 0.2) == fifth).all()
+    with pytest.raises(ValueError, match=r"not in \[0, 1\)"):
+        heldout_mask(ids, 1.0)
+
+
+def test_pearson_on_a_hand_computed_case() -> None:
+    predicted = np.array([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [3.0, 2.0, 1.0]])
+    actual = np.array([[2.0, 4.0, 7.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    r = pearson_rows(predicted, actual)
+    # row 0: deviations (-1, 0, 1) and (-7/3, -1/3, 8/3): r = 5 / sqrt(2 * 114/9)
+    assert r[0] == pytest.approx(5 / np.sqrt(2 * 114 / 9))
+    assert np.isnan(r[1])  # a constant prediction has no correlation
+    assert r[2] == pytest.approx(-1.0)
+
+
+def test_bootstrap_interval_contains_the_mean() -> None:
+    values = np.random.default_rng(1).normal(0.3, 0.2, size=50)
+    low, high = bootstrap_interval(np.append(values, np.nan), resamples=500, seed=0)
+    assert low < values.mean() < high
+    assert high - low < 0.2
+    assert np.isnan(bootstrap_interval([np.nan])[0])
+
+
+def test_shuffle_moves_every_label() -> None:
+    labels = [f"label {i}" for i in range(9)]
+    mixed = shuffled(labels, seed=3)
+    assert sorted(mixed) == sorted(labels)
+    assert all(a != b for a, b in zip(labels, mixed, strict=True))
+    assert shuffled(labels, seed=3) == mixed
+    assert shuffled(["only"]) == ["only"]
+
+
+def test_label_names_its_class_or_a_synonym() -> None:
+    assert names_class("Striped circles", ["circle"]) == 1.0
+    assert names_class("a great white shark", ["great white shark", "white shark"]) == 1.0
+    assert names_class("white sharks", ["great white shark", "white shark"]) == 1.0
+    assert names_class("a square", ["circle"]) == 0.0
+    assert names_class("squares", ["square"]) == 1.0
+    assert names_class("", ["circle"]) is None and names_class(None, ["circle"]) is None
+
+
+def test_class_names_from_each_kind_of_target(tmp_path: Path) -> None:
+    tv = class_names(spec("torchvision:resnet18", "IMAGENET1K_V1"), None, 1000)
+    assert tv is not None and tv[0] == ["tench"] and len(tv) == 1000
+    assert class_names(spec("torchvision:resnet18"), None, 1000) is None  # no weights, no names
+    timm_names = class_names(spec("timm:resnet18"), None, 1000)
+    assert timm_names is not None and len(timm_names) == 1000
+    from transformers import ViTConfig
+
+    labelled = tmp_path / "hf"
+    ViTConfig(num_labels=2, id2label={0: "cat", 1: "dog, puppy"}).save_pretrained(labelled)
+    assert class_names(spec(f"hf:{labelled}"), None, 2) == [["cat"], ["dog", "puppy"]]
+    unlabelled = tmp_path / "hf-plain"
+    ViTConfig(num_labels=2).save_pretrained(unlabelled)
+    assert class_names(spec(f"hf:{unlabelled}"), None, 2) is None
+    demo = class_names(spec("python:neuroscribe.demo.cnn:tiny_cnn"), None, 7)
+    assert demo is not None and demo[0] == ["circle"]
+    assert class_names(spec("python:neuroscribe.demo.cnn:tiny_cnn"), None, 9) is None
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat, kitty\n\ndog\n")
+    assert class_names(spec("python:x.py:f"), str(classes), 2) == [["cat", "kitty"], ["dog"]]
+    with pytest.raises(ConfigError, match="has 2 classes but the output layer has 3 neurons"):
+        read_class_file(classes, 3)
+
+
+def _demo_config(**evaluation) -> dict:
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    cfg["evaluation"] = cfg.get("evaluation", {}) | evaluation
+    return cfg
+
+
+def test_bad_evaluation_settings_fail_at_parse_time(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"evaluation\.holdout"):
+        validate_config(_demo_config(holdout=1.0))
+    with pytest.raises(ConfigError, match=r"evaluation\.simulator\.backend"):
+        validate_config(_demo_config(simulator={"backend": "gpt"}))
+    cfg = validate_config(_demo_config())
+    classes = tmp_path / "classes.txt"
+    classes.write_text("a\nb\n")
+    cfg["targets"][0]["classes"] = str(classes)
+    with pytest.raises(ConfigError, match=r"classes': class file .* has 2 classes but .* has 7"):
+        check_class_files(cfg, {"shapenet": "fc"}, {"shapenet": {"fc": 7}})
+    cfg["targets"][0]["classes"] = str(tmp_path / "none.txt")
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_class_files(cfg, {"shapenet": "fc"}, {"shapenet": {"fc": 7}})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    render_world(root / "world", n_images=60, size=32, seed=2)
+    return root / "world"
+
+
+def test_annotation_simulator_reads_labels_with_the_world_vocabulary(world: Path) -> None:
+    sim = AnnotationSimulator([("w", str(world))])
+    notes = pd.read_parquet(world / "annotations.parquet")
+    from neuroscribe.probe import image_id
+
+    images = [ProbeImage(image_id("w", rel), "") for rel in notes["relpath"]]
+    result = sim.predict(["red circles", "", "zebra", "noisy background"], images)
+    expect = [
+        float(any(o["colour"] == "red" and o["shape"] == "circle" for o in objects))
+        for objects in notes["objects"]
+    ]
+    assert result.predictions[0].tolist() == expect
+    assert result.predictions[3].tolist() == [float(b == "noise") for b in notes["background"]]
+    assert result.reasons == [
+        None,
+        "empty label",
+        "no word of the demo world's vocabulary in 'zebra'",
+        None,
+    ]
+    assert np.isnan(result.predictions[1:3]).all()
+
+
+def test_clip_simulator_embeds_each_image_once(tmp_path: Path, world: Path) -> None:
+    folder = build_tiny_clip(tmp_path / "clip")
+    sim = ClipSimulator(str(folder), device="cpu", dtype="float32")
+    files = sorted(world.rglob("*.png"))[:5]
+    images = [ProbeImage(f.stem, str(f)) for f in files]
+    first = sim.predict(["a red circle", "stripes", " "], images)
+    assert first.predictions.shape == (3, 5)
+    assert first.reasons == [None, None, "empty label"]
+    assert np.all(np.abs(first.predictions[:2]) <= 1.0 + 1e-5)
+    again = sim.predict(["stripes"], images[::-1])
+    np.testing.assert_allclose(again.predictions[0], first.predictions[1][::-1], rtol=1e-5)
+    assert len(sim._images) == 5
+
+
+CNN_FC = LayerSpec("fc", "all", "avg", "cls")
+CNN = TargetSpec("shapenet", "python:neuroscribe.demo.cnn:tiny_cnn", None, TRANSFORM, (CNN_FC,))
+
+
+def test_layer_job_scores_labels_against_their_shuffle(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Labels that the annotations simulator makes exactly right for a neuron's activations
+    beat their shuffled control; every row says who scored it, and unscored rows say why."""
+    render_world(tmp_path / "world", n_images=120, size=32, seed=4)
+    build_manifest(
+        [DatasetSpec(name="w", type="folder", path=str(images_folder(tmp_path / "world")))],
+        tmp_path,
+        tmp_path / "manifest.parquet",
+        tmp_path / "rejected.parquet",
+    )
+    # a merged file whose neurons 0-6 fire exactly on the images holding shape i
+    extract_shard(tmp_path / "manifest.parquet", CNN, [CNN_FC], 0, 1, tmp_path / "s.h5", workers=0)
+    merge_layer([tmp_path / "s.h5"], CNN, CNN_FC, tmp_path / "fc.h5", top_k=5, holdout=0.3)
+    from neuroscribe.demo.annotations import load_annotations
+    from neuroscribe.demo.world import SHAPES
+
+    notes = load_annotations([("w", tmp_path / "world")]).set_index("image_id")
+    with h5py.File(tmp_path / "fc.h5", "r+") as h5:
+        ids = h5["image_ids"][:].astype(str)
+        truth = np.array(
+            [[any(o["shape"] == s for o in notes.loc[i, "objects"]) for s in SHAPES] for i in ids]
+        )
+        h5["activations"][...] = truth.astype(np.float16)
+        held = h5["heldout"][:]
+    assert 0 < held.sum() < len(held)
+    # held-out images are never among the top-K the methods see
+    with h5py.File(tmp_path / "fc.h5", "r") as h5:
+        assert not held[np.searchsorted(h5["rows"][:], h5["topk_rows"][:].ravel())].any()
+    labels = [("crosses" if s == "cross" else f"{s}s") for s in SHAPES]
+    labels[6] = "zebra"  # a word the world does not know
+    descriptions = pd.DataFrame(
+        {
+            "model": "shapenet",
+            "layer": "fc",
+            "neuron": range(7),
+            "method": "m",
+            "label": labels,
+        }
+    )
+    descriptions = pd.concat(
+        [descriptions, descriptions.assign(method="topk", label=None)], ignore_index=True
+    )
+    descriptions.to_parquet(tmp_path / "descriptions.parquet")
+    out = tmp_path / "evaluation" / "fc.parquet"
+    evaluate_layer(
+        tmp_path / "descriptions.parquet",
+        tmp_path / "fc.h5",
+        tmp_path / "manifest.parquet",
+        CNN,
+        "fc",
+        width=7,
+        output_layer=True,
+        classes_file=None,
+        simulator={"backend": "annotations"},
+        text_model=None,
+        worlds=[("w", str(tmp_path / "world"))],
+        out=out,
+    )
+    rows = pd.read_parquet(out)
+    assert set(rows["method"]) == {"m"}  # topk does not label
+    sim = rows[rows["metric"] == "simulation_r"].set_index("neuron")
+    assert sim.loc[0:5, "value"].tolist() == pytest.approx([1.0] * 6)
+    assert (sim.loc[0:5, "shuffled"].dropna() < 0.9).all()  # one drew the unknown label
+    assert sim.loc[6, "reason"] == "no word of the demo world's vocabulary in 'zebra'"
+    named = rows[rows["metric"] == "class_named"].set_index("neuron")
+    assert named.loc[0:5, "value"].tolist() == [1.0] * 6
+    assert set(rows["scorer"]) == {"annotations", "words", "sentence:all-MiniLM-L6-v2"}
+    summary = tmp_path / "evaluation" / "summary.parquet"
+    summarise(
+        [out], tmp_path / "evaluation" / "neurons.parquet", summary, summary.with_suffix(".csv")
+    )
+    table = pd.read_parquet(summary).set_index("metric")
+    r = table.loc["simulation_r"]
+    assert r["mean"] == pytest.approx(1.0) and r["neurons"] == 6 and r["unscored"] == 1
+    assert r["difference"] > 0.5 and r["ci_low"] <= r["mean"] <= r["ci_high"]
+    assert "simulation_r" in format_summary(pd.read_parquet(summary))

@@ -1,0 +1,84 @@
+# The held-out evaluation (neuroscribe.evaluation): one job per described layer scores every
+# method's labels on the images no method saw, then one job summarises them. Its outputs are
+# targets of `all` only when `evaluation.enabled` is true.
+
+
+rule evaluate_layer:
+    input:
+        descriptions=PATHS.descriptions(),
+        layer=PATHS.layer_file(),
+        manifest=PATHS.manifest,
+        worlds=lambda w: [f for _, f in simulated_worlds()],
+    output:
+        PATHS.evaluation_layer(),
+    log:
+        PATHS.log("evaluate_layer", "{model}", "{layer}"),
+    benchmark:
+        PATHS.benchmark("evaluate_layer", "{model}", "{layer}")
+    conda:
+        GPU_ENV
+    threads: stage_resource("evaluation", "cpus")
+    resources:
+        mem_mb=scaled("evaluation", "mem_mb"),
+        runtime=scaled("evaluation", "runtime"),
+        gpu=gpus("evaluation"),
+    params:
+        settings=lambda w: as_json(
+            {
+                "evaluation": config["evaluation"],
+                "classes": classes_files()[w.model],
+            }
+        ),
+        args=lambda w, input, output: as_json(
+            {
+                "descriptions": input.descriptions,
+                "layer_file": input.layer,
+                "manifest": input.manifest,
+                "target": target_dict(w.model),
+                "layer": w.layer,
+                "width": LAYOUT.layer_sizes[w.model][w.layer],
+                "output_layer": LAYOUT.output_layers[w.model] == w.layer,
+                "classes_file": classes_files()[w.model],
+                "simulator": config["evaluation"]["simulator"],
+                "text_model": config["evaluation"]["text_model"],
+                "worlds": simulated_worlds(),
+                "out": output[0],
+                "seed": config["evaluation"]["seed"],
+                "device": config["device"],
+                "dtype": config["dtype"],
+            }
+        ),
+    shell:
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe evaluate-layer {params.args:q} 2> {log}'
+
+
+rule evaluation_summary:
+    input:
+        [PATHS.evaluation_layer(m, layer) for m, layer in evaluated_layers()],
+    output:
+        neurons=PATHS.evaluation_neurons(),
+        summary=PATHS.evaluation_summary(),
+        csv=PATHS.evaluation_summary("csv"),
+    log:
+        PATHS.log("evaluation_summary"),
+    benchmark:
+        PATHS.benchmark("evaluation_summary")
+    localrule: True
+    conda:
+        CPU_ENV
+    params:
+        settings=lambda w: as_json(
+            {k: config["evaluation"][k] for k in ("bootstrap", "seed")}
+        ),
+        args=lambda w, input, output: as_json(
+            {
+                "parts": list(input),
+                "neurons_out": output.neurons,
+                "summary_out": output.summary,
+                "csv_out": output.csv,
+                "bootstrap": config["evaluation"]["bootstrap"],
+                "seed": config["evaluation"]["seed"],
+            }
+        ),
+    shell:
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe evaluate-summary {params.args:q} 2> {log}'
