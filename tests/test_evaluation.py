@@ -27,6 +27,7 @@ from neuroscribe.config import (
 from neuroscribe.demo.annotations import AnnotationSimulator
 from neuroscribe.demo.world import images_folder, render_world
 from neuroscribe.evaluation.classes import check_class_files, class_names, read_class_file
+from neuroscribe.evaluation.external import check_external
 from neuroscribe.evaluation.metrics import (
     bootstrap_interval,
     names_class,
@@ -34,7 +35,13 @@ from neuroscribe.evaluation.metrics import (
     shuffled,
 )
 from neuroscribe.evaluation.split import heldout_mask
-from neuroscribe.evaluation.stage import evaluate_layer, format_summary, summarise
+from neuroscribe.evaluation.stage import (
+    Scorers,
+    _class_rows,
+    evaluate_layer,
+    format_summary,
+    summarise,
+)
 from neuroscribe.merge import merge_layer
 from neuroscribe.probe import build_manifest
 
@@ -168,6 +175,20 @@ def test_annotation_simulator_reads_labels_with_the_world_vocabulary(world: Path
     assert np.isnan(result.predictions[1:3]).all()
 
 
+def test_external_tables_are_checked_at_parse_time(tmp_path: Path) -> None:
+    table = tmp_path / "labels.csv"
+    pd.DataFrame({"unit": [0], "label": ["circle"]}).to_csv(table, index=False)
+    base = {"name": "theirs", "path": str(table)}
+    cfg = validate_config(_demo_config(external=[base]))
+    with pytest.raises(ConfigError, match=r"has no column 'description'.*set unit_column"):
+        check_external(cfg)
+    cfg = validate_config(_demo_config(external=[base | {"label_column": "label", "layer": "fc"}]))
+    check_external(cfg)
+    cfg = validate_config(_demo_config(external=[base | {"path": str(tmp_path / "no.csv")}]))
+    with pytest.raises(ConfigError, match=r"external\[0\]' \(theirs\): file .* does not exist"):
+        check_external(cfg)
+
+
 def test_clip_simulator_embeds_each_image_once(tmp_path: Path, world: Path) -> None:
     folder = build_tiny_clip(tmp_path / "clip")
     sim = ClipSimulator(str(folder), device="cpu", dtype="float32")
@@ -180,6 +201,16 @@ def test_clip_simulator_embeds_each_image_once(tmp_path: Path, world: Path) -> N
     again = sim.predict(["stripes"], images[::-1])
     np.testing.assert_allclose(again.predictions[0], first.predictions[1][::-1], rtol=1e-5)
     assert len(sim._images) == 5
+    same, other = sim.text_cosine(["a red circle", "a red circle"], ["a red circle", "stripes"])
+    assert same == pytest.approx(1.0, abs=1e-5) and other < same
+    # the class-name cosine in CLIP's text space, beside the word and sentence metrics
+    scorers = Scorers({"backend": "annotations"}, None, str(folder), [], "cpu", "float32")
+    rows = pd.DataFrame(_class_rows({0: "circle", 1: None}, [["circle"], ["square"]], scorers, 0))
+    clip_rows = rows[rows["metric"] == "class_clip_similarity"].set_index("neuron")
+    assert clip_rows.loc[0, "value"] == pytest.approx(1.0, abs=1e-5)
+    assert clip_rows.loc[0, "scorer"].startswith("clip:")
+    assert pd.isna(clip_rows.loc[1, "value"]) and clip_rows.loc[1, "reason"] == "no label"
+    assert set(rows["metric"]) == {"class_named", "class_text_similarity", "class_clip_similarity"}
 
 
 CNN_FC = LayerSpec("fc", "all", "avg", "cls")
@@ -245,6 +276,7 @@ def test_layer_job_scores_labels_against_their_shuffle(
         text_model=None,
         worlds=[("w", str(tmp_path / "world"))],
         out=out,
+        cache=tmp_path / "cache",
     )
     rows = pd.read_parquet(out)
     assert set(rows["method"]) == {"m"}  # topk does not label
@@ -264,3 +296,48 @@ def test_layer_job_scores_labels_against_their_shuffle(
     assert r["mean"] == pytest.approx(1.0) and r["neurons"] == 6 and r["unscored"] == 1
     assert r["difference"] > 0.5 and r["ci_low"] <= r["mean"] <= r["ci_high"]
     assert "simulation_r" in format_summary(pd.read_parquet(summary))
+
+    # another tool's labels (unit 9 is not in the layer), and a rerun that scores only them
+    external = tmp_path / "other.csv"
+    pd.DataFrame(
+        {
+            "layer": ["fc", "fc", "fc", "conv"],
+            "unit": [0, 1, 9, 0],
+            "description": ["circle", "x", "y", "z"],
+        }
+    ).to_csv(external, index=False)
+    spec = {
+        "name": "other",
+        "path": str(external),
+        "model": None,
+        "layer": None,
+        "layer_column": "layer",
+        "unit_column": "unit",
+        "label_column": "description",
+    }
+    caplog.set_level("INFO")
+    evaluate_layer(
+        tmp_path / "descriptions.parquet",
+        tmp_path / "fc.h5",
+        tmp_path / "manifest.parquet",
+        CNN,
+        "fc",
+        width=7,
+        output_layer=True,
+        classes_file=None,
+        simulator={"backend": "annotations"},
+        text_model=None,
+        worlds=[("w", str(tmp_path / "world"))],
+        out=out,
+        cache=tmp_path / "cache",
+        external=[spec],
+    )
+    assert "m from the cache" in caplog.text and "other from the cache" not in caplog.text
+    assert "1 rows name units layer fc does not have (first: [9]); skipped" in caplog.text
+    again = pd.read_parquet(out)
+    pd.testing.assert_frame_equal(
+        again[again["method"] == "m"].reset_index(drop=True), rows.reset_index(drop=True)
+    )
+    other = again[(again["method"] == "other") & (again["metric"] == "simulation_r")]
+    assert other.set_index("neuron").loc[0, "value"] == pytest.approx(1.0)
+    assert sorted(other["neuron"]) == [0, 1]

@@ -139,8 +139,10 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
             ]
     if config["evaluation"]["enabled"]:
         from neuroscribe.evaluation.classes import check_class_files
+        from neuroscribe.evaluation.external import check_external
 
         check_class_files(config, output_layers, layer_sizes)
+        check_external(config)
     datasets = datasets_from_config(config)
     survey = survey_probe(datasets)
     if survey.files == 0:

@@ -9,6 +9,7 @@ rule evaluate_layer:
         layer=PATHS.layer_file(),
         manifest=PATHS.manifest,
         worlds=lambda w: [f for _, f in simulated_worlds()],
+        external=[t["path"] for t in config["evaluation"]["external"]],
     output:
         PATHS.evaluation_layer(),
     log:
@@ -41,6 +42,9 @@ rule evaluate_layer:
                 "classes_file": classes_files()[w.model],
                 "simulator": config["evaluation"]["simulator"],
                 "text_model": config["evaluation"]["text_model"],
+                "clip_model": config["evaluation"]["clip_model"],
+                "external": config["evaluation"]["external"],
+                "cache": PATHS.cache,
                 "worlds": simulated_worlds(),
                 "out": output[0],
                 "seed": config["evaluation"]["seed"],

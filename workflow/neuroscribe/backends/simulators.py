@@ -103,6 +103,10 @@ class ClipSimulator:
                 parts.append(torch.nn.functional.normalize(features, dim=1).cpu().numpy())
         return np.concatenate(parts)
 
+    def text_cosine(self, a: Sequence[str], b: Sequence[str]) -> list[float]:
+        """Cosine of each pair (a[i], b[i]) in the model's text space."""
+        return (self._embed("text", a) * self._embed("text", b)).sum(axis=1).tolist()
+
     def predict(self, labels: Sequence[str], images: Sequence[ProbeImage]) -> Simulation:
         from neuroscribe.probe import load_rgb
 

@@ -4,17 +4,20 @@ then one summary of them all.
 Per neuron and method:
 - `simulation_r` (any layer): Pearson correlation, over the held-out images, between what the
   simulator predicts from the label alone and the neuron's real activations;
-- `class_named` and `class_text_similarity` (an output layer whose class names are known):
-  whether the label names the neuron's class (or a synonym), and the sentence-embedding cosine
-  of label and class name.
+- `class_named`, `class_text_similarity` and `class_clip_similarity` (an output layer whose
+  class names are known): whether the label names the neuron's class (or a synonym), and the
+  cosine of label and class name in a sentence-embedding space and in CLIP's text space.
 Each is also computed with the layer's labels shuffled among its neurons (a fixed seed): the
 shuffled control. A label that cannot be scored keeps its row, with the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import pandas as pd
 
 from neuroscribe.config import TargetSpec
 from neuroscribe.evaluation.classes import class_names
+from neuroscribe.evaluation.external import external_labels
 from neuroscribe.evaluation.metrics import bootstrap_interval, names_class, pearson_rows, shuffled
 from neuroscribe.merge import stored_neurons
 from neuroscribe.tables import write_table
@@ -105,53 +109,120 @@ def _simulation_rows(
     ]
 
 
-def _class_rows(
-    labels: dict[int, str | None], names: list[list[str]], text_model: str | None, seed: int
-) -> list[dict[str, Any]]:
-    from neuroscribe.backends.textsim import SentenceSimilarity
+@dataclass
+class Scorers:
+    """The models a layer's evaluation needs, each loaded on first use (a layer whose methods
+    all come from the cache loads none)."""
 
+    simulator: dict[str, Any]
+    text_model: str | None
+    clip_model: str | None
+    worlds: Sequence[tuple[str, str]]
+    device: str
+    dtype: str
+    _loaded: dict[str, Any] = field(default_factory=dict)
+
+    def _get(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._loaded:
+            self._loaded[key] = make()
+        return self._loaded[key]
+
+    def simulate(self) -> Any:
+        from neuroscribe.backends.simulators import simulator
+
+        return self._get(
+            "simulator", lambda: simulator(self.simulator, self.worlds, self.device, self.dtype)
+        )
+
+    def sentences(self) -> Any:
+        from neuroscribe.backends.textsim import SentenceSimilarity
+
+        return self._get("text", lambda: SentenceSimilarity(self.text_model))
+
+    def clip_text(self) -> Any:
+        """The CLIP model of the class-name cosine: the simulator's own when it is that model."""
+        from neuroscribe.backends.simulators import ClipSimulator
+
+        sim = self.simulator
+        if sim["backend"] == "clip" and sim["model"] == self.clip_model:
+            return self.simulate()
+        return self._get(
+            "clip", lambda: ClipSimulator(str(self.clip_model), self.device, self.dtype)
+        )
+
+
+def _pairwise(
+    similarity: Callable[[list[str], list[str]], Sequence[float]],
+    labels: list[str | None],
+    truths: list[str],
+) -> list[float | None]:
+    usable = [i for i, x in enumerate(labels) if isinstance(x, str) and x.strip()]
+    out: list[float | None] = [None] * len(labels)
+    if usable:
+        values = similarity([labels[i] for i in usable], [truths[i] for i in usable])  # type: ignore[misc]
+        for i, v in zip(usable, values, strict=True):
+            out[i] = float(v)
+    return out
+
+
+def _class_rows(
+    labels: dict[int, str | None], names: list[list[str]], scorers: Scorers, seed: int
+) -> list[dict[str, Any]]:
     neurons = list(labels)
     real = [labels[n] for n in neurons]
     control = shuffled(real, seed)
     truth = [names[n][0] for n in neurons]
-    text = SentenceSimilarity(text_model)
-
-    def similarity(assigned: list[str | None]) -> list[float | None]:
-        usable = [i for i, x in enumerate(assigned) if isinstance(x, str) and x.strip()]
-        out: list[float | None] = [None] * len(assigned)
-        if usable:
-            values = text.pairwise([assigned[i] for i in usable], [truth[i] for i in usable])
-            for i, v in zip(usable, values, strict=True):
-                out[i] = float(v)
-        return out
-
-    sim_real, sim_control = similarity(real), similarity(control)
+    metrics: list[tuple[str, str, list[Any], list[Any]]] = [
+        (
+            "class_named",
+            "words",
+            [names_class(x, names[n]) for x, n in zip(real, neurons, strict=True)],
+            [names_class(x, names[n]) for x, n in zip(control, neurons, strict=True)],
+        )
+    ]
+    text = scorers.sentences()
+    metrics.append(
+        (
+            "class_text_similarity",
+            text.id,
+            _pairwise(text.pairwise, real, truth),
+            _pairwise(text.pairwise, control, truth),
+        )
+    )
+    if scorers.clip_model:
+        clip = scorers.clip_text()
+        metrics.append(
+            (
+                "class_clip_similarity",
+                clip.id,
+                _pairwise(clip.text_cosine, real, truth),
+                _pairwise(clip.text_cosine, control, truth),
+            )
+        )
     rows = []
     for i, n in enumerate(neurons):
         why = None if isinstance(real[i], str) and real[i].strip() else "no label"
-        rows += [
-            {
-                "neuron": n,
-                "metric": "class_named",
-                "value": names_class(real[i], names[n]),
-                "shuffled": names_class(control[i], names[n]),
-                "scorer": "words",
-                "reason": why,
-            },
-            {
-                "neuron": n,
-                "metric": "class_text_similarity",
-                "value": sim_real[i],
-                "shuffled": sim_control[i],
-                "scorer": text.id,
-                "reason": why,
-            },
-        ]
+        for metric, scorer, values, shuffled_values in metrics:
+            rows.append(
+                {
+                    "neuron": n,
+                    "metric": metric,
+                    "value": values[i],
+                    "shuffled": shuffled_values[i],
+                    "scorer": scorer,
+                    "reason": why,
+                }
+            )
     return rows
 
 
 def _number(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
+
+
+def _digest(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def evaluate_layer(
@@ -167,14 +238,18 @@ def evaluate_layer(
     text_model: str | None,
     worlds: Sequence[tuple[str, str]],
     out: str | Path,
+    cache: str | Path,
+    clip_model: str | None = None,
+    external: Sequence[dict[str, Any]] = (),
     seed: int = 0,
     device: str = "auto",
     dtype: str = "auto",
 ) -> None:
     """Every labelling method's labels of one layer (`width` neurons wide, of which the
-    described ones are stored), scored on its held-out images."""
+    described ones are stored), and those of `external` tables, scored on its held-out images.
+    Each method's rows are kept in `cache` under a digest of everything they depend on, so a
+    rerun after a method was added scores only the new one."""
     from neuroscribe.backends.simulators import ProbeImage
-    from neuroscribe.backends.simulators import simulator as make_simulator
 
     table = pd.read_parquet(descriptions)
     table = table[(table["model"] == target.name) & (table["layer"] == layer)]
@@ -182,35 +257,53 @@ def evaluate_layer(
     paths = pd.read_parquet(manifest, columns=["path"])["path"].to_numpy()
     images = [ProbeImage(i, str(paths[r])) for i, r in zip(ids, rows_, strict=True)]
     positions = {n: j for j, n in enumerate(stored)}
-    names = None
-    if output_layer:
-        names = class_names(target, classes_file, width)
-    sim = None
-    out_rows: list[dict[str, Any]] = []
+    names = class_names(target, classes_file, width) if output_layer else None
+    scorers = Scorers(simulator, text_model, clip_model, worlds, device, dtype)
+    methods: dict[str, dict[int, str | None]] = {}
     for method, group in table.groupby("method", sort=True):
-        if group["label"].isna().all():
-            continue  # a method that does not label (topk)
-        labels = {
-            int(n): (x if isinstance(x, str) else None)
-            for n, x in zip(group["neuron"], group["label"], strict=True)
-        }
-        if sim is None:
-            sim = make_simulator(simulator, worlds, device, dtype)
-        found = _simulation_rows(labels, positions, activations, sim, images, seed)
-        if names is not None:
-            found += _class_rows(labels, names, text_model, seed)
-        out_rows += [
-            {"model": target.name, "layer": layer, "method": str(method)} | row for row in found
-        ]
+        if group["label"].notna().any():  # a method that does not label (topk) has no rows
+            methods[str(method)] = {
+                int(n): (x if isinstance(x, str) else None)
+                for n, x in zip(group["neuron"], group["label"], strict=True)
+            }
+    methods |= external_labels(external, target.name, layer, stored)
+    # what every method's rows depend on besides its labels
+    common = _digest(
+        simulator,
+        text_model,
+        clip_model,
+        seed,
+        names,
+        ids.tolist(),
+        hashlib.sha256(np.ascontiguousarray(activations).tobytes()).hexdigest(),
+    )
+    folder = Path(cache) / "evaluation" / target.name / layer
+    out_rows: list[dict[str, Any]] = []
+    reused = []
+    for method, labels in methods.items():
+        cached = folder / f"{method}-{_digest(common, sorted(labels.items()))}.parquet"
+        if cached.is_file():
+            found = pd.read_parquet(cached).to_dict("records")
+            reused.append(method)
+        else:
+            found = _simulation_rows(
+                labels, positions, activations, scorers.simulate(), images, seed
+            )
+            if names is not None:
+                found += _class_rows(labels, names, scorers, seed)
+            found = [{"model": target.name, "layer": layer, "method": method} | r for r in found]
+            write_table(pd.DataFrame(found, columns=COLUMNS), cached, "evaluation_neurons")
+        out_rows += found
     frame = pd.DataFrame(out_rows, columns=COLUMNS)
     write_table(frame, out, "evaluation_neurons")
     log.info(
-        "%s/%s: %d held-out images, %d rows for %s",
+        "%s/%s: %d held-out images, %d rows for %s%s",
         target.name,
         layer,
         len(images),
         len(frame),
-        ", ".join(sorted(frame["method"].unique())) or "no labelling method",
+        ", ".join(methods) or "no labelling method",
+        f" ({', '.join(reused)} from the cache)" if reused else "",
     )
 
 
