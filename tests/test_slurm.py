@@ -77,6 +77,10 @@ def _config(workdir: Path, llm: FakeOpenAI) -> Path:
     cfg |= {"shard_size": 30, "chunk_size": 64, "top_k": 5, "save_every": 8}
     cfg["targets"][0]["layers"] = ["conv3", {"name": "fc", "neurons": "all"}]
     cfg["targets"][0]["train"] = {"images": 400, "holdout": 100, "epochs": 2, "seed": 0}
+    # the drills exercise the scheduler with the chunked method; the demo's per-layer method and
+    # evaluation run in tests/test_workflow.py
+    cfg["methods"] = ["topk", "dnd"]
+    cfg["evaluation"] = {"enabled": False}
     cfg["llm"] = {
         "backend": "openai",
         "model": "fake-model",

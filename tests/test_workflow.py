@@ -71,14 +71,18 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "concepts": 3,
         "synthesis": 3,
         "scores": 3,
+        "clipdissect": 2,  # one job per layer
         "describe": 1,
         "evaluate_demo": 1,
+        "evaluate_layer": 2,
+        "evaluation_summary": 1,
         "all": 1,
     }
     assert not (workdir / "results" / "demo" / "probe").exists(), "a dry run wrote outputs"
     proc = run_snakemake(workdir, config, env=env)
     # the end of the run says how many neurons were described, and that none failed
     assert "dnd: 39 of 39 neurons described" in proc.stdout + proc.stderr
+    assert "clipdissect: 39 of 39 neurons described" in proc.stdout + proc.stderr
     return workdir, config
 
 
@@ -88,9 +92,9 @@ def test_full_run_writes_the_table(finished: tuple[Path, Path]) -> None:
     table = pd.read_parquet(results / "descriptions.parquet")
     manifest = pd.read_parquet(results / "probe" / "manifest.parquet")
     assert len(manifest) == 60
-    assert len(table) == 2 * (32 + 7)
-    assert set(table["method"]) == {"topk", "dnd"}
-    for method in ("topk", "dnd"):
+    assert len(table) == 3 * (32 + 7)
+    assert set(table["method"]) == {"topk", "dnd", "clipdissect"}
+    for method in ("topk", "dnd", "clipdissect"):
         fc = table[(table.layer == "fc") & (table.method == method)]
         assert sorted(fc["neuron"]) == list(range(7))
     dnd = table[table.method == "dnd"]
@@ -138,6 +142,25 @@ def test_full_run_writes_the_table(finished: tuple[Path, Path]) -> None:
     assert not list(results.rglob(".*.tmp-*")), "temporary files left behind"
 
 
+def test_every_method_is_scored_on_the_held_out_images(finished: tuple[Path, Path]) -> None:
+    results = finished[0] / "results" / "demo"
+    with h5py.File(results / "activations" / "shapenet" / "fc.h5", "r") as h5:
+        held = set(h5["image_ids"][:][h5["heldout"][:]].astype(str))
+    table = pd.read_parquet(results / "descriptions.parquet")
+    # no method saw a held-out image
+    assert held and not held & {i for ids in table["exemplar_ids"] for i in ids}
+    summary = pd.read_parquet(results / "evaluation" / "summary.parquet")
+    assert set(summary["method"]) == {"dnd", "clipdissect"}  # topk gives no labels
+    assert (results / "evaluation" / "summary.csv").exists()
+    named = summary[summary["metric"] == "class_named"].set_index("method")
+    # both name the output neurons' class, far above their shuffled control
+    assert (named["mean"] >= 6 / 7).all() and (named["difference"] > 0.5).all(), named
+    neurons = pd.read_parquet(results / "evaluation" / "neurons.parquet")
+    assert neurons.loc[neurons["value"].isna(), "reason"].notna().all()
+    log = (results / "logs" / "evaluation_summary.log").read_text()
+    assert "simulation_r" in log and "shuffled" in log
+
+
 def test_demo_captions_and_concepts_come_from_the_world(finished: tuple[Path, Path]) -> None:
     results = finished[0] / "results" / "demo"
     exemplars = pd.read_parquet(results / "exemplars" / "shapenet" / "fc" / "0000.parquet")
@@ -173,7 +196,7 @@ def test_the_workflow_trains_the_demo_target_to_the_accuracy_target(
     ]
     assert sum(top_is_own_class) >= 6, top_is_own_class
     evaluation = pd.read_parquet(results / "evaluation.parquet")
-    assert len(evaluation) == 2 * len(table)  # topk and dnd rows
+    assert len(evaluation) == 3 * len(table)  # topk, dnd and clipdissect rows
     output = evaluation[(evaluation.kind == "output") & (evaluation.method == "topk")]
     output = output.sort_values("neuron")
     assert list(output["truth"]) == [f"shape:{s}" for s in SHAPES]
@@ -213,6 +236,8 @@ def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
         "scores": 1,
         "describe": 1,
         "evaluate_demo": 1,
+        "evaluate_layer": 2,  # each reads the rewritten table; unchanged labels come from its cache
+        "evaluation_summary": 1,
         "all": 1,
     }
     run_snakemake(workdir, config, env=job_env)
@@ -252,6 +277,8 @@ def test_a_changed_setting_reruns_the_jobs_it_changes_and_no_others(
         "scores": 3,
         "describe": 1,
         "evaluate_demo": 1,
+        "evaluate_layer": 2,
+        "evaluation_summary": 1,
         "all": 1,
     }
     assert "Params have changed since last execution" in dry.stdout + dry.stderr
@@ -283,8 +310,14 @@ def test_plan_prints_a_summary_and_writes_plan_json(
         "concepts": 3,
         "synthesis": 3,
         "scores": 3,
+        "clipdissect": 2,
         "describe": 1,
+        "evaluate_layer": 2,
+        "evaluation_summary": 1,
     }
+    split = plan["split"]
+    assert split["exact"] and split["images"] == 60 and 0 < split["heldout"] < 30
+    assert f"{split['heldout']} of 60 probe images held out (20%" in proc.stdout
     observed = plan["estimates"]["dnd"]["synthesis"]["observed"]
     assert observed["neurons"] == 39 and observed["distinct_prompts"] <= observed["candidates"]
     assert observed["images"] == observed["distinct_prompts"] * 10
