@@ -28,11 +28,10 @@ demo: install
 	snakemake --profile profiles/local --configfile config/demo.yaml
 	@echo
 	@echo "Done. The description table: results/demo/descriptions.parquet (and .csv), with"
-	@echo "Describe-and-Dissect's candidates in results/demo/descriptions/dnd.parquet;"
-	@echo "ground-truth check: results/demo/evaluation.parquet; the probe manifest:"
-	@echo "results/demo/probe/manifest.parquet; logs: results/demo/logs/."
-	@sed -n 's/.*neuroscribe.demo.evaluation: /  /p' results/demo/logs/evaluate_demo.log
-	@echo "Every method on the held-out images (results/demo/evaluation/summary.csv):"
+	@echo "each method's details in results/demo/descriptions/{dnd,clipdissect}.parquet;"
+	@echo "the evaluation: results/demo/evaluation/ (neurons.parquet, summary.csv); the probe"
+	@echo "manifest: results/demo/probe/manifest.parquet; logs: results/demo/logs/."
+	@echo "Every method on the held-out images, against its shuffled labels and the world's truth:"
 	@sed -n 's/.*neuroscribe.evaluation.stage: /  /p' results/demo/logs/evaluation_summary.log
 
 plan: install

@@ -151,7 +151,7 @@ def slurm_jobs(jobs: dict[str, int]) -> dict:
         "executor": "slurm",
         "remote": True,
         "groups": chunk_groups(METHODS),
-        "local": ["all", "render_demo_probe", "evaluate_demo", "plan"],
+        "local": ["all", "render_demo_probe", "evaluation_summary", "plan"],
         "group_components": profile["group-components"],
     }
     return cluster_jobs(jobs, cluster, stage_order(METHODS))

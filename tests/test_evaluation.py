@@ -256,6 +256,7 @@ def test_layer_job_scores_labels_against_their_shuffle(
             "neuron": range(7),
             "method": "m",
             "label": labels,
+            "exemplar_ids": [[] for _ in range(7)],
         }
     )
     descriptions = pd.concat(
@@ -279,7 +280,7 @@ def test_layer_job_scores_labels_against_their_shuffle(
         cache=tmp_path / "cache",
     )
     rows = pd.read_parquet(out)
-    assert set(rows["method"]) == {"m"}  # topk does not label
+    assert set(rows["method"]) == {"m"}  # topk does not label (and no truth worlds given)
     sim = rows[rows["metric"] == "simulation_r"].set_index("neuron")
     assert sim.loc[0:5, "value"].tolist() == pytest.approx([1.0] * 6)
     assert (sim.loc[0:5, "shuffled"].dropna() < 0.9).all()  # one drew the unknown label
@@ -341,3 +342,29 @@ def test_layer_job_scores_labels_against_their_shuffle(
     other = again[(again["method"] == "other") & (again["metric"] == "simulation_r")]
     assert other.set_index("neuron").loc[0, "value"] == pytest.approx(1.0)
     assert sorted(other["neuron"]) == [0, 1]
+
+    # on a demo world, every method is also judged against the world's truth, topk included
+    descriptions["exemplar_ids"] = [[ids[held == 0][0]]] * len(descriptions)
+    descriptions.to_parquet(tmp_path / "descriptions.parquet")
+    truthful = tmp_path / "evaluation" / "truth.parquet"
+    evaluate_layer(
+        tmp_path / "descriptions.parquet",
+        tmp_path / "fc.h5",
+        tmp_path / "manifest.parquet",
+        CNN,
+        "fc",
+        width=7,
+        output_layer=True,
+        classes_file=None,
+        simulator={"backend": "annotations"},
+        text_model=None,
+        worlds=[("w", str(tmp_path / "world"))],
+        out=truthful,
+        cache=tmp_path / "cache",
+        truth_worlds=[("w", str(tmp_path / "world"))],
+    )
+    judged = pd.read_parquet(truthful)
+    assert set(judged[judged.method == "topk"]["metric"]) == {"exemplar_precision"}
+    named = judged[(judged.method == "m") & (judged.metric == "truth_named")].set_index("neuron")
+    assert list(named["truth"]) == [f"shape:{s}" for s in SHAPES]
+    assert named.loc[0:5, "value"].tolist() == [1.0] * 6 and named.loc[6, "value"] == 0.0

@@ -73,7 +73,6 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "scores": 3,
         "clipdissect": 2,  # one job per layer
         "describe": 1,
-        "evaluate_demo": 1,
         "evaluate_layer": 2,
         "evaluation_summary": 1,
         "all": 1,
@@ -150,7 +149,9 @@ def test_every_method_is_scored_on_the_held_out_images(finished: tuple[Path, Pat
     # no method saw a held-out image
     assert held and not held & {i for ids in table["exemplar_ids"] for i in ids}
     summary = pd.read_parquet(results / "evaluation" / "summary.parquet")
-    assert set(summary["method"]) == {"dnd", "clipdissect"}  # topk gives no labels
+    assert set(summary["method"]) == {"topk", "dnd", "clipdissect"}
+    # topk gives no labels: its exemplars alone are judged, against the world's truth
+    assert set(summary[summary["method"] == "topk"]["metric"]) == {"exemplar_precision"}
     assert (results / "evaluation" / "summary.csv").exists()
     named = summary[summary["metric"] == "class_named"].set_index("method")
     # both name the output neurons' class, far above their shuffled control
@@ -195,22 +196,23 @@ def test_the_workflow_trains_the_demo_target_to_the_accuracy_target(
         labels[table.loc[("fc", n), "exemplar_ids"][0]] == shape for n, shape in enumerate(SHAPES)
     ]
     assert sum(top_is_own_class) >= 6, top_is_own_class
-    evaluation = pd.read_parquet(results / "evaluation.parquet")
-    assert len(evaluation) == 3 * len(table)  # topk, dnd and clipdissect rows
-    output = evaluation[(evaluation.kind == "output") & (evaluation.method == "topk")]
-    output = output.sort_values("neuron")
+    rows = pd.read_parquet(results / "evaluation" / "neurons.parquet")
+
+    def metric(name: str, method: str, layer: str) -> pd.DataFrame:
+        return rows[(rows.metric == name) & (rows.method == method) & (rows.layer == layer)]
+
+    output = metric("exemplar_precision", "topk", "fc").sort_values("neuron")
     assert list(output["truth"]) == [f"shape:{s}" for s in SHAPES]
-    assert output["exemplar_precision"].mean() >= 0.7
-    hidden = evaluation[evaluation.kind == "hidden"]
-    assert hidden["truth_auc"].between(0.5, 1).all() and hidden["truth_auc"].mean() > 0.7
-    topk = evaluation[evaluation.method == "topk"]
-    assert topk["label_names_truth"].isna().all()  # topk gives no labels to judge
+    assert output["value"].mean() >= 0.7
+    # topk gives no labels: only its exemplars are judged
+    assert set(rows[rows.method == "topk"]["metric"]) == {"exemplar_precision"}
     # Describe-and-Dissect names the class of the output neurons (the demo's target: >= 90%)
-    dnd = evaluation[(evaluation.method == "dnd") & (evaluation.kind == "output")]
-    assert dnd["label_names_truth"].mean() >= 0.9, list(dnd["label"])
-    assert dnd["text_similarity"].between(-1, 1.0001).all() and dnd["text_similarity"].mean() > 0.5
-    assert topk["text_similarity"].isna().all()
-    assert "top-exemplar precision" in (results / "logs" / "evaluate_demo.log").read_text()
+    named = metric("truth_named", "dnd", "fc")
+    assert len(named) == 7 and named["value"].mean() >= 0.9, list(named["value"])
+    similar = metric("truth_text_similarity", "dnd", "fc")["value"]
+    assert similar.between(-1, 1.0001).all() and similar.mean() > 0.5
+    hidden = metric("truth_named", "dnd", "conv2")
+    assert len(hidden) == 32 and hidden["truth"].str.contains(":").all()
 
 
 def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
@@ -235,7 +237,6 @@ def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
         "synthesis": 1,
         "scores": 1,
         "describe": 1,
-        "evaluate_demo": 1,
         "evaluate_layer": 2,  # each reads the rewritten table; unchanged labels come from its cache
         "evaluation_summary": 1,
         "all": 1,
@@ -276,7 +277,6 @@ def test_a_changed_setting_reruns_the_jobs_it_changes_and_no_others(
     assert _job_counts(dry.stdout + dry.stderr) == {
         "scores": 3,
         "describe": 1,
-        "evaluate_demo": 1,
         "evaluate_layer": 2,
         "evaluation_summary": 1,
         "all": 1,

@@ -32,7 +32,6 @@ CORE_STAGES = {
     "merge": "neuroscribe.merge:merge_layer",
     "exemplars": "neuroscribe.exemplars:chunk_exemplars",
     "describe": "neuroscribe.describe:write_descriptions",
-    "evaluate": "neuroscribe.demo.evaluation:write_evaluation",
     "evaluate-layer": "neuroscribe.evaluation.stage:evaluate_layer",
     "evaluate-summary": "neuroscribe.evaluation.stage:summarise",
     "plan": "neuroscribe.plan:run_plan",

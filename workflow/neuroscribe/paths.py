@@ -82,10 +82,6 @@ class RunPaths:
         """A method's own per-neuron table, joined to the descriptions on (model, layer, neuron)."""
         return f"{self.root}/descriptions/{method}.{suffix}"
 
-    @property
-    def evaluation(self) -> str:
-        return f"{self.root}/evaluation.parquet"
-
     def evaluation_layer(self, model: str = MODEL, layer: str = LAYER) -> str:
         """One layer's held-out evaluation rows (every method, every metric)."""
         return f"{self.root}/evaluation/{model}/{layer}.parquet"

@@ -154,8 +154,11 @@ def train_args(model, output):
     return {"target": target, "out": output.weights, "metrics": output.metrics} | train
 
 
-def trained_models():
-    return [t.name for t in LAYOUT.targets.values() if t.train]
+def layer_files(model):
+    """The merged activation file of every described layer of a model."""
+    return {
+        layer: PATHS.layer_file(model, layer) for layer in LAYOUT.layer_sizes[model]
+    }
 
 
 def holdout():
@@ -165,15 +168,11 @@ def holdout():
 
 
 def evaluation_outputs():
-    """The ground-truth evaluation, when the workflow trained a target on its demo world, and
-    the held-out evaluation of every method, when it is on."""
-    demo = [PATHS.evaluation] if trained_models() and demo_dirs() else []
-    held = (
-        [PATHS.evaluation_summary(), PATHS.evaluation_summary("csv")]
-        if holdout()
-        else []
-    )
-    return demo + held
+    """The held-out evaluation of every method, when it is on (on demo worlds it includes the
+    world's ground truth)."""
+    if not holdout():
+        return []
+    return [PATHS.evaluation_summary(), PATHS.evaluation_summary("csv")]
 
 
 def evaluated_layers():
@@ -190,29 +189,6 @@ def simulated_worlds():
 def classes_files():
     """Each target's class-name file from the config (None: read from the target)."""
     return {t["name"]: t.get("classes") for t in config["targets"]}
-
-
-def layer_files(model):
-    """The merged activation file of every described layer of a model."""
-    return {
-        layer: PATHS.layer_file(model, layer) for layer in LAYOUT.layer_sizes[model]
-    }
-
-
-def evaluate_args(input, output):
-    return {
-        "descriptions": input.descriptions,
-        "manifest": input.manifest,
-        "worlds": demo_world_pairs(),
-        "targets": {
-            model: {
-                "layers": layer_files(model),
-                "output_layer": LAYOUT.output_layers[model],
-            }
-            for model in trained_models()
-        },
-        "out": output[0],
-    }
 
 
 def trained_weights_of(wildcards):

@@ -32,23 +32,3 @@ rule train_demo_target:
         args=lambda w, output: as_json(train_args(w.model, output)),
     shell:
         '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe train {params.args:q} 2> {log}'
-
-
-rule evaluate_demo:
-    input:
-        descriptions=PATHS.descriptions(),
-        manifest=PATHS.manifest,
-        layers=[f for m in trained_models() for f in layer_files(m).values()],
-    output:
-        PATHS.evaluation,
-    log:
-        PATHS.log("evaluate_demo"),
-    benchmark:
-        PATHS.benchmark("evaluate_demo")
-    localrule: True
-    conda:
-        CPU_ENV
-    params:
-        args=lambda w, input, output: as_json(evaluate_args(input, output)),
-    shell:
-        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe evaluate {params.args:q} 2> {log}'

@@ -8,7 +8,7 @@ rule evaluate_layer:
         descriptions=PATHS.descriptions(),
         layer=PATHS.layer_file(),
         manifest=PATHS.manifest,
-        worlds=lambda w: [f for _, f in simulated_worlds()],
+        worlds=lambda w: [f for _, f in simulated_worlds() + demo_world_pairs()],
         external=[t["path"] for t in config["evaluation"]["external"]],
     output:
         PATHS.evaluation_layer(),
@@ -44,6 +44,7 @@ rule evaluate_layer:
                 "text_model": config["evaluation"]["text_model"],
                 "clip_model": config["evaluation"]["clip_model"],
                 "external": config["evaluation"]["external"],
+                "truth_worlds": demo_world_pairs(),
                 "cache": PATHS.cache,
                 "worlds": simulated_worlds(),
                 "out": output[0],

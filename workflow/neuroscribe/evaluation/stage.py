@@ -34,7 +34,18 @@ from neuroscribe.tables import write_table
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["model", "layer", "neuron", "method", "metric", "value", "shuffled", "scorer", "reason"]
+COLUMNS = [
+    "model",
+    "layer",
+    "neuron",
+    "method",
+    "metric",
+    "value",
+    "shuffled",
+    "scorer",
+    "reason",
+    "truth",
+]
 
 
 def _heldout(layer_file: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
@@ -220,6 +231,69 @@ def _number(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
+def _truth_rows(
+    labels: dict[int, str | None] | None,
+    exemplars: dict[int, list[str]],
+    truth: Any,
+    scorers: Scorers,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """The demo world's truth metrics: `exemplar_precision` (any method with exemplars) and,
+    for a labelling method, `truth_named` and `truth_text_similarity` (with their shuffled
+    control)."""
+    from neuroscribe.demo.evaluation import names_truth, truth_phrase
+
+    rows = []
+    for n, ids in exemplars.items():
+        precision = truth.precision(n, ids)
+        rows.append(
+            {
+                "neuron": n,
+                "metric": "exemplar_precision",
+                "value": precision,
+                "shuffled": None,
+                "scorer": "demo-truth",
+                "reason": None if precision is not None else "no exemplars",
+                "truth": truth.truth[n],
+            }
+        )
+    if labels is None:
+        return rows
+    neurons = [n for n in labels if n in truth.truth]
+    real = [labels[n] for n in neurons]
+    control = shuffled(real, seed)
+    phrases = [truth_phrase(truth.truth[n]) for n in neurons]
+    text = scorers.sentences()
+    similar = _pairwise(text.pairwise, real, phrases)
+    similar_control = _pairwise(text.pairwise, control, phrases)
+    for i, n in enumerate(neurons):
+        why = None if isinstance(real[i], str) and real[i].strip() else "no label"
+        common = {"neuron": n, "reason": why, "truth": truth.truth[n]}
+        rows += [
+            common
+            | {
+                "metric": "truth_named",
+                "value": names_truth(real[i], truth.truth[n]),
+                "shuffled": names_truth(control[i], truth.truth[n]),
+                "scorer": "demo-truth",
+            },
+            common
+            | {
+                "metric": "truth_text_similarity",
+                "value": similar[i],
+                "shuffled": similar_control[i],
+                "scorer": text.id,
+            },
+        ]
+    return rows
+
+
+def _all_images(layer_file: str | Path) -> tuple[list[str], np.ndarray]:
+    """Every image id of the merged file and the activations [images, neurons] (float32)."""
+    with h5py.File(layer_file, "r", locking=False) as h5:
+        return list(h5["image_ids"][:].astype(str)), h5["activations"][:].astype(np.float32)
+
+
 def _digest(*parts: Any) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -241,14 +315,16 @@ def evaluate_layer(
     cache: str | Path,
     clip_model: str | None = None,
     external: Sequence[dict[str, Any]] = (),
+    truth_worlds: Sequence[tuple[str, str]] = (),
     seed: int = 0,
     device: str = "auto",
     dtype: str = "auto",
 ) -> None:
     """Every labelling method's labels of one layer (`width` neurons wide, of which the
-    described ones are stored), and those of `external` tables, scored on its held-out images.
-    Each method's rows are kept in `cache` under a digest of everything they depend on, so a
-    rerun after a method was added scores only the new one."""
+    described ones are stored), and those of `external` tables, scored on its held-out images;
+    on demo worlds (`truth_worlds`), each method also against the world's truth. Each method's
+    rows are kept in `cache` under a digest of everything they depend on, so a rerun after a
+    method was added scores only the new one."""
     from neuroscribe.backends.simulators import ProbeImage
 
     table = pd.read_parquet(descriptions)
@@ -260,13 +336,24 @@ def evaluate_layer(
     names = class_names(target, classes_file, width) if output_layer else None
     scorers = Scorers(simulator, text_model, clip_model, worlds, device, dtype)
     methods: dict[str, dict[int, str | None]] = {}
+    exemplars: dict[str, dict[int, list[str]]] = {}
     for method, group in table.groupby("method", sort=True):
-        if group["label"].notna().any():  # a method that does not label (topk) has no rows
+        exemplars[str(method)] = {
+            int(n): list(e) for n, e in zip(group["neuron"], group["exemplar_ids"], strict=True)
+        }
+        if group["label"].notna().any():  # a method that does not label (topk): no label rows
             methods[str(method)] = {
                 int(n): (x if isinstance(x, str) else None)
                 for n, x in zip(group["neuron"], group["label"], strict=True)
             }
     methods |= external_labels(external, target.name, layer, stored)
+    truth = None
+    if truth_worlds:
+        from neuroscribe.demo.evaluation import layer_truth
+
+        all_ids, all_activations = _all_images(layer_file)
+        classes = None if names is None else [n[0] for n in names]
+        truth = layer_truth(truth_worlds, all_ids, all_activations, stored, classes)
     # what every method's rows depend on besides its labels
     common = _digest(
         simulator,
@@ -274,24 +361,35 @@ def evaluate_layer(
         clip_model,
         seed,
         names,
+        None if truth is None else sorted(truth.truth.items()),
         ids.tolist(),
         hashlib.sha256(np.ascontiguousarray(activations).tobytes()).hexdigest(),
     )
     folder = Path(cache) / "evaluation" / target.name / layer
     out_rows: list[dict[str, Any]] = []
     reused = []
-    for method, labels in methods.items():
-        cached = folder / f"{method}-{_digest(common, sorted(labels.items()))}.parquet"
+    for method in sorted(set(methods) | (set(exemplars) if truth is not None else set())):
+        labels = methods.get(method)
+        mine = exemplars.get(method, {}) if truth is not None else {}
+        key = _digest(common, sorted((labels or {}).items()), sorted(mine.items()))
+        cached = folder / f"{method}-{key}.parquet"
         if cached.is_file():
             found = pd.read_parquet(cached).to_dict("records")
             reused.append(method)
         else:
-            found = _simulation_rows(
-                labels, positions, activations, scorers.simulate(), images, seed
-            )
-            if names is not None:
-                found += _class_rows(labels, names, scorers, seed)
-            found = [{"model": target.name, "layer": layer, "method": method} | r for r in found]
+            found = []
+            if labels is not None:
+                found += _simulation_rows(
+                    labels, positions, activations, scorers.simulate(), images, seed
+                )
+                if names is not None:
+                    found += _class_rows(labels, names, scorers, seed)
+            if truth is not None:
+                found += _truth_rows(labels, mine, truth, scorers, seed)
+            found = [
+                {"model": target.name, "layer": layer, "method": method, "truth": None} | r
+                for r in found
+            ]
             write_table(pd.DataFrame(found, columns=COLUMNS), cached, "evaluation_neurons")
         out_rows += found
     frame = pd.DataFrame(out_rows, columns=COLUMNS)
@@ -302,7 +400,7 @@ def evaluate_layer(
         layer,
         len(images),
         len(frame),
-        ", ".join(methods) or "no labelling method",
+        ", ".join(sorted(set(frame["method"]))) or "no labelling method",
         f" ({', '.join(reused)} from the cache)" if reused else "",
     )
 
