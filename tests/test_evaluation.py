@@ -217,6 +217,26 @@ CNN_FC = LayerSpec("fc", "all", "avg", "cls")
 CNN = TargetSpec("shapenet", "python:neuroscribe.demo.cnn:tiny_cnn", None, TRANSFORM, (CNN_FC,))
 
 
+def _evaluate_fc(tmp_path: Path, out: Path, **extra: object) -> None:
+    """The layer job on the test's files: fc of the demo CNN, the annotations simulator."""
+    evaluate_layer(
+        tmp_path / "descriptions.parquet",
+        tmp_path / "fc.h5",
+        tmp_path / "manifest.parquet",
+        CNN,
+        "fc",
+        width=7,
+        output_layer=True,
+        classes_file=None,
+        simulator={"backend": "annotations"},
+        text_model=None,
+        worlds=[("w", str(tmp_path / "world"))],
+        out=out,
+        cache=tmp_path / "cache",
+        **extra,  # type: ignore[arg-type]
+    )
+
+
 def test_layer_job_scores_labels_against_their_shuffle(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -264,21 +284,7 @@ def test_layer_job_scores_labels_against_their_shuffle(
     )
     descriptions.to_parquet(tmp_path / "descriptions.parquet")
     out = tmp_path / "evaluation" / "fc.parquet"
-    evaluate_layer(
-        tmp_path / "descriptions.parquet",
-        tmp_path / "fc.h5",
-        tmp_path / "manifest.parquet",
-        CNN,
-        "fc",
-        width=7,
-        output_layer=True,
-        classes_file=None,
-        simulator={"backend": "annotations"},
-        text_model=None,
-        worlds=[("w", str(tmp_path / "world"))],
-        out=out,
-        cache=tmp_path / "cache",
-    )
+    _evaluate_fc(tmp_path, out)
     rows = pd.read_parquet(out)
     assert set(rows["method"]) == {"m"}  # topk does not label (and no truth worlds given)
     sim = rows[rows["metric"] == "simulation_r"].set_index("neuron")
@@ -317,22 +323,7 @@ def test_layer_job_scores_labels_against_their_shuffle(
         "label_column": "description",
     }
     caplog.set_level("INFO")
-    evaluate_layer(
-        tmp_path / "descriptions.parquet",
-        tmp_path / "fc.h5",
-        tmp_path / "manifest.parquet",
-        CNN,
-        "fc",
-        width=7,
-        output_layer=True,
-        classes_file=None,
-        simulator={"backend": "annotations"},
-        text_model=None,
-        worlds=[("w", str(tmp_path / "world"))],
-        out=out,
-        cache=tmp_path / "cache",
-        external=[spec],
-    )
+    _evaluate_fc(tmp_path, out, external=[spec])
     assert "m from the cache" in caplog.text and "other from the cache" not in caplog.text
     assert "1 rows name units layer fc does not have (first: [9]); skipped" in caplog.text
     again = pd.read_parquet(out)
@@ -347,22 +338,7 @@ def test_layer_job_scores_labels_against_their_shuffle(
     descriptions["exemplar_ids"] = [[ids[held == 0][0]]] * len(descriptions)
     descriptions.to_parquet(tmp_path / "descriptions.parquet")
     truthful = tmp_path / "evaluation" / "truth.parquet"
-    evaluate_layer(
-        tmp_path / "descriptions.parquet",
-        tmp_path / "fc.h5",
-        tmp_path / "manifest.parquet",
-        CNN,
-        "fc",
-        width=7,
-        output_layer=True,
-        classes_file=None,
-        simulator={"backend": "annotations"},
-        text_model=None,
-        worlds=[("w", str(tmp_path / "world"))],
-        out=truthful,
-        cache=tmp_path / "cache",
-        truth_worlds=[("w", str(tmp_path / "world"))],
-    )
+    _evaluate_fc(tmp_path, truthful, truth_worlds=[("w", str(tmp_path / "world"))])
     judged = pd.read_parquet(truthful)
     assert set(judged[judged.method == "topk"]["metric"]) == {"exemplar_precision"}
     named = judged[(judged.method == "m") & (judged.metric == "truth_named")].set_index("neuron")
