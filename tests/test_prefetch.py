@@ -90,6 +90,19 @@ def test_prefetch_lists_every_model_the_config_uses_and_only_those(tmp_path: Pat
     # the demo's offline backends and an API llm name no model to download
     demo = validate_config(_dnd_config(llm={"backend": "openai", "model": "gpt-4o-mini"}))
     assert models_to_fetch(demo, targets_from_config(demo)) == []
+    # the evaluation's models, each once (its CLIP text space is the simulator's model here)
+    scored = _dnd_config(llm={"backend": "none"})
+    scored["evaluation"] = {
+        "enabled": True,
+        "simulator": {"backend": "clip", "model": "google/siglip-base-patch16-224"},
+        "text_model": "sentence-transformers/all-mpnet-base-v2",
+        "clip_model": "google/siglip-base-patch16-224",
+    }
+    scored = validate_config(scored)
+    assert models_to_fetch(scored, targets_from_config(scored)) == [
+        ModelRef("evaluation simulator", "google/siglip-base-patch16-224", HF),
+        ModelRef("evaluation text model", "sentence-transformers/all-mpnet-base-v2", HF),
+    ]
     # without dnd, the roles are not used at all
     topk = validate_config(
         _dnd_config(methods=["topk"], captioner={"backend": "blip"}, llm={"backend": "local"})

@@ -113,6 +113,20 @@ def models_to_fetch(config: dict[str, Any], targets: Iterable[TargetSpec]) -> li
     for method in enabled:
         if method.models is not None:
             refs += method.models(config)
+    return refs + _evaluation_refs(config["evaluation"])
+
+
+def _evaluation_refs(evaluation: dict[str, Any]) -> list[ModelRef]:
+    """The evaluation's simulator, text model and CLIP text model, when it is on."""
+    if not evaluation["enabled"]:
+        return []
+    refs = []
+    if evaluation["simulator"]["backend"] == "clip":
+        refs.append(hub_or_local("evaluation simulator", evaluation["simulator"]["model"], HF))
+    if evaluation["text_model"]:
+        refs.append(hub_or_local("evaluation text model", evaluation["text_model"], HF))
+    if evaluation["clip_model"] and evaluation["clip_model"] != evaluation["simulator"]["model"]:
+        refs.append(hub_or_local("evaluation CLIP text", evaluation["clip_model"], HF))
     return refs
 
 
