@@ -295,9 +295,19 @@ def test_layer_job_scores_labels_against_their_shuffle(
     assert named.loc[0:5, "value"].tolist() == [1.0] * 6
     assert set(rows["scorer"]) == {"annotations", "words", "sentence:all-MiniLM-L6-v2"}
     summary = tmp_path / "evaluation" / "summary.parquet"
+    split = tmp_path / "evaluation" / "split.parquet"
     summarise(
-        [out], tmp_path / "evaluation" / "neurons.parquet", summary, summary.with_suffix(".csv")
+        [out],
+        tmp_path / "evaluation" / "neurons.parquet",
+        summary,
+        summary.with_suffix(".csv"),
+        manifest=tmp_path / "manifest.parquet",
+        holdout=0.3,
+        split_out=split,
     )
+    # the split table lists the same held-out images as the layer file
+    flags = pd.read_parquet(split).set_index("image_id")["heldout"]
+    assert set(flags[flags].index) == set(ids[held])
     table = pd.read_parquet(summary).set_index("metric")
     r = table.loc["simulation_r"]
     assert r["mean"] == pytest.approx(1.0) and r["neurons"] == 6 and r["unscored"] == 1

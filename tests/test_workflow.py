@@ -148,6 +148,8 @@ def test_every_method_is_scored_on_the_held_out_images(finished: tuple[Path, Pat
     table = pd.read_parquet(results / "descriptions.parquet")
     # no method saw a held-out image
     assert held and not held & {i for ids in table["exemplar_ids"] for i in ids}
+    split = pd.read_parquet(results / "evaluation" / "split.parquet")
+    assert set(split.loc[split["heldout"], "image_id"]) == held and len(split) == 60
     summary = pd.read_parquet(results / "evaluation" / "summary.parquet")
     assert set(summary["method"]) == {"topk", "dnd", "clipdissect"}
     # topk gives no labels: its exemplars alone are judged, against the world's truth

@@ -86,6 +86,10 @@ class RunPaths:
         """One layer's held-out evaluation rows (every method, every metric)."""
         return f"{self.root}/evaluation/{model}/{layer}.parquet"
 
+    def evaluation_split(self) -> str:
+        """The probe images with their held-out flag."""
+        return f"{self.root}/evaluation/split.parquet"
+
     def evaluation_neurons(self) -> str:
         return f"{self.root}/evaluation/neurons.parquet"
 

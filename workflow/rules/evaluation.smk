@@ -59,8 +59,10 @@ rule evaluate_layer:
 
 rule evaluation_summary:
     input:
-        [PATHS.evaluation_layer(m, layer) for m, layer in evaluated_layers()],
+        parts=[PATHS.evaluation_layer(m, layer) for m, layer in evaluated_layers()],
+        manifest=PATHS.manifest,
     output:
+        split=PATHS.evaluation_split(),
         neurons=PATHS.evaluation_neurons(),
         summary=PATHS.evaluation_summary(),
         csv=PATHS.evaluation_summary("csv"),
@@ -73,11 +75,14 @@ rule evaluation_summary:
         CPU_ENV
     params:
         settings=lambda w: as_json(
-            {k: config["evaluation"][k] for k in ("bootstrap", "seed")}
+            {k: config["evaluation"][k] for k in ("bootstrap", "seed", "holdout")}
         ),
         args=lambda w, input, output: as_json(
             {
-                "parts": list(input),
+                "parts": list(input.parts),
+                "manifest": input.manifest,
+                "holdout": holdout(),
+                "split_out": output.split,
                 "neurons_out": output.neurons,
                 "summary_out": output.summary,
                 "csv_out": output.csv,

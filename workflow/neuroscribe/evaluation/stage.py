@@ -405,16 +405,34 @@ def evaluate_layer(
     )
 
 
+def write_split(manifest: str | Path, holdout: float, out: str | Path) -> int:
+    """The manifest's images with their `heldout` flag (the split every layer file records), as
+    a table beside the evaluation; returns how many are held out."""
+    from neuroscribe.evaluation.split import heldout_mask
+
+    table = pd.read_parquet(manifest, columns=["image_id", "path", "dataset"])
+    table["heldout"] = heldout_mask(table["image_id"], holdout)
+    write_table(table, out, "split")
+    return int(table["heldout"].sum())
+
+
 def summarise(
     parts: Sequence[str | Path],
     neurons_out: str | Path,
     summary_out: str | Path,
     csv_out: str | Path,
+    manifest: str | Path | None = None,
+    holdout: float = 0.0,
+    split_out: str | Path | None = None,
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> None:
     """All layers' rows in one table, and per (model, layer, method, metric): the mean, its 95 %
-    bootstrap interval, the neurons scored and not, and the shuffled control."""
+    bootstrap interval, the neurons scored and not, and the shuffled control; with `split_out`,
+    the held-out split of the manifest's images too."""
+    if split_out is not None and manifest is not None:
+        held = write_split(manifest, holdout, split_out)
+        log.info("held out: %d probe images (%s)", held, split_out)
     frames = [pd.read_parquet(p) for p in parts]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     write_table(rows, neurons_out, "evaluation_neurons")
