@@ -26,6 +26,7 @@ from neuroscribe.config import (
 )
 from neuroscribe.demo.annotations import AnnotationSimulator
 from neuroscribe.demo.world import images_folder, render_world
+from neuroscribe.evaluation.checks import check_evaluation
 from neuroscribe.evaluation.classes import check_class_files, class_names, read_class_file
 from neuroscribe.evaluation.external import check_external
 from neuroscribe.evaluation.metrics import (
@@ -144,6 +145,10 @@ def test_bad_evaluation_settings_fail_at_parse_time(tmp_path: Path) -> None:
     cfg["targets"][0]["classes"] = str(tmp_path / "none.txt")
     with pytest.raises(ConfigError, match="does not exist"):
         check_class_files(cfg, {"shapenet": "fc"}, {"shapenet": {"fc": 7}})
+    cfg["targets"][0]["classes"] = None
+    cfg["probe"]["datasets"].append({"name": "photos", "type": "folder", "path": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"annotations reads the demo world's .* \(photos\)"):
+        check_evaluation(cfg, {"shapenet": "fc"}, {"shapenet": {"fc": 7}})
 
 
 @pytest.fixture(scope="module")

@@ -138,11 +138,9 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
                 for i, s in enumerate(range(0, len(selected), size))
             ]
     if config["evaluation"]["enabled"]:
-        from neuroscribe.evaluation.classes import check_class_files
-        from neuroscribe.evaluation.external import check_external
+        from neuroscribe.evaluation.checks import check_evaluation
 
-        check_class_files(config, output_layers, layer_sizes)
-        check_external(config)
+        check_evaluation(config, output_layers, layer_sizes)
     datasets = datasets_from_config(config)
     survey = survey_probe(datasets)
     if survey.files == 0:
