@@ -172,7 +172,11 @@ def evaluation_outputs():
     world's ground truth)."""
     if not holdout():
         return []
-    return [PATHS.evaluation_summary(), PATHS.evaluation_summary("csv")]
+    return [
+        PATHS.evaluation_split(),
+        PATHS.evaluation_summary(),
+        PATHS.evaluation_summary("csv"),
+    ]
 
 
 def evaluated_layers():
