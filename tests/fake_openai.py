@@ -5,18 +5,25 @@ client expects, logs every request body (so tests can count requests), measures 
 requests are in flight at once, and plays a script of behaviours, one per chat request: a reply,
 an HTTP error (429 with Retry-After, 500, 400), a slow reply, a dropped connection or a garbage
 body. When the script runs out, `default` answers (by default: echo the last user message).
+
+A request for `n` choices gets n: a reply's own `texts`, else one scripted reply per choice (the
+next ones in the script, then `default`). A request with `logprobs: true` gets the first choice's
+token log-probabilities in the API's shape (`choices[0].logprobs.content`), the text split into
+tokens simply (runs of digits, runs of letters, single other characters); a reply's `numbers`
+scripts the alternatives at its numeric tokens.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import select
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,10 +32,19 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Reply:
-    """A normal completion; `delay_s` holds the reply back (a slow server)."""
+    """A normal completion; `delay_s` holds the reply back (a slow server).
+
+    `texts`: every choice's text, for a request of n choices (the first n are sent; `text` is
+    then unused). `numbers`: for the k-th numeric token of the first choice's text (counting
+    from 0, every run of digits: item numbers too), the probabilities of its top alternatives,
+    e.g. {1: {"7": 0.5, "3": 0.25, "10": 0.25}}; numeric tokens not named get the default: the
+    written number at logprob 0 and a few other numbers far less likely.
+    """
 
     text: str | None
     delay_s: float = 0.0
+    texts: tuple[str | None, ...] | None = None
+    numbers: Mapping[int, Mapping[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,51 @@ class Garbage:
 
 
 Behaviour = Reply | Status | Drop | Garbage
+
+# a fake token: a run of digits, a run of letters, or any other single character
+_TOKEN = re.compile(r"\d+|[^\W\d_]+|.", re.DOTALL)
+_FILLER = -30.0  # log-probability of the padding alternatives
+
+
+def tokens(text: str) -> list[str]:
+    """The fake server's tokens of a text (they join back to the text)."""
+    return _TOKEN.findall(text)
+
+
+def token_logprobs(
+    text: str, top: int, numbers: Mapping[int, Mapping[str, float]] | None = None
+) -> list[dict[str, Any]]:
+    """`choices[0].logprobs.content` of a reply: one entry per token, `top` alternatives each."""
+    numbers = numbers or {}
+    content = []
+    k = 0  # numeric tokens seen
+    for token in tokens(text):
+        if token.isdigit():
+            scripted = numbers.get(k)
+            k += 1
+            if scripted is not None:
+                alternatives = {t: math.log(p) if p > 0 else _FILLER for t, p in scripted.items()}
+            else:
+                # the written number is certain; a few neighbours are possible but unlikely
+                others = [str(v) for v in range(11) if str(v) != token][:3]
+                alternatives = {token: 0.0} | {o: -12.0 - i for i, o in enumerate(others)}
+        else:
+            alternatives = {token: 0.0}
+        logprob = alternatives.get(token, _FILLER)
+        ranked = sorted(alternatives.items(), key=lambda item: -item[1])[:top]
+        # pad with alternatives that are not numbers, so they change no expected value
+        ranked += [(f"<alt{i}>", _FILLER - i) for i in range(top - len(ranked))]
+        content.append(
+            {
+                "token": token,
+                "logprob": logprob,
+                "bytes": list(token.encode()),
+                "top_logprobs": [
+                    {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in ranked
+                ],
+            }
+        )
+    return content
 
 
 def echo(body: dict[str, Any]) -> Behaviour:
@@ -105,6 +166,23 @@ class FakeOpenAI:
             if self.script:
                 return self.script.popleft()
         return self.default(body)
+
+    def _texts(self, body: dict[str, Any], reply: Reply) -> list[str | None]:
+        """The text of each of the request's n choices."""
+        n = int(body.get("n") or 1)
+        if reply.texts is not None:
+            if len(reply.texts) < n:
+                raise AssertionError(f"scripted {len(reply.texts)} texts for n={n} choices")
+            return list(reply.texts[:n])
+        texts = [reply.text]
+        for _ in range(n - 1):
+            with self._lock:
+                queued = self.script.popleft() if self.script else None
+            more = queued if queued is not None else self.default(body)
+            if not isinstance(more, Reply):
+                raise AssertionError(f"choice {len(texts)} of {n} scripted as {more!r}")
+            texts.append(more.text)
+        return texts
 
     def start(self) -> FakeOpenAI:
         fake = self
@@ -179,7 +257,7 @@ class FakeOpenAI:
                         with fake._lock:
                             fake.abandoned.append(body)
                         return
-                    self._send_json(200, fake.completion(body, behaviour.text))
+                    self._send_json(200, fake.completion(body, behaviour))
                     with fake._lock:
                         fake.answered.append(body)
 
@@ -201,21 +279,31 @@ class FakeOpenAI:
         self._thread.start()
         return self
 
-    def completion(self, body: dict[str, Any], text: str | None) -> dict[str, Any]:
+    def completion(self, body: dict[str, Any], reply: Reply | str | None) -> dict[str, Any]:
+        if not isinstance(reply, Reply):
+            reply = Reply(reply)
+        texts = self._texts(body, reply)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
-        completion_tokens = len((text or "").split())
+        completion_tokens = sum(len((text or "").split()) for text in texts)
+        choices: list[dict[str, Any]] = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+            for i, text in enumerate(texts)
+        ]
+        if body.get("logprobs"):
+            top = int(body.get("top_logprobs") or 0)
+            content = token_logprobs(texts[0] or "", top, reply.numbers)
+            choices[0]["logprobs"] = {"content": content, "refusal": None}
         return {
             "id": f"chatcmpl-fake{len(self.requests)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", self.model),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop",
-                }
-            ],
+            "choices": choices,
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
@@ -280,3 +368,45 @@ def labeller(body: dict[str, Any]) -> Behaviour:
         return Reply(" ".join(text.split()[:4]))
     best = summariser.propose(text.split(", "), 1)
     return Reply(best[0] if best else "unclear")
+
+
+_LISTED = re.compile(r"^(\d+)\t(.*)$", re.MULTILINE)
+_VALUED = re.compile(r"^(.*)\t(\d+)$", re.MULTILINE)
+
+
+def tellme_responder(body: dict[str, Any]) -> Behaviour:
+    """A stand-in for TeLLMe's explainer and simulator models.
+
+    A simulator request (its listing is `number<TAB>text` lines after "What the neuron responds
+    to: EXPLANATION") gets `number<TAB>value` lines: 10 where the item's text holds a word of the
+    explanation, else 0. An explainer request (`text<TAB>value` lines) gets its n choices: the
+    words of its highest-valued lines, most frequent first, one word more per choice.
+    """
+    from neuroscribe.words import STOPWORDS, words
+
+    prompt = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+    if prompt.startswith("What the neuron responds to: "):
+        explanation = prompt.split("\n", 1)[0].split(": ", 1)[1]
+        wanted = {w for w in words(explanation) if w not in STOPWORDS}
+        lines = [
+            f"{k}\t{10 if wanted & set(words(text)) else 0}" for k, text in _LISTED.findall(prompt)
+        ]
+        return Reply("\n".join(lines))
+    listed = [(text, int(value)) for text, value in _VALUED.findall(prompt)]
+    top = max((v for _, v in listed), default=0)
+    counts: dict[str, int] = {}
+    for text, value in listed:
+        if value >= top - 2:
+            for w in words(text):
+                if w not in STOPWORDS:
+                    counts[w] = counts.get(w, 0) + 1
+    ranked = sorted(counts, key=lambda w: (-counts[w], w)) or ["nothing"]
+    asked = re.search(r"Give (\d+) different explanations", prompt)
+    n = int(asked.group(1)) if asked else int(body.get("n") or 1)
+    # n distinct choices, however few words there are
+    texts = tuple(
+        " ".join(ranked[: i + 1]) if i < len(ranked) else f"{ranked[0]} ({i + 1})" for i in range(n)
+    )
+    if body.get("response_format"):
+        return Reply(json.dumps({"explanations": list(texts)}))
+    return Reply(texts[0], texts=texts)

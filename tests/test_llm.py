@@ -4,6 +4,7 @@ concurrency, strict JSON, key hygiene), and the in-process backend with a tiny r
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -303,3 +304,143 @@ def test_local_backend_tiny_chat(tmp_path: Path) -> None:
         assert client.chat(request).cached and client.stats.requests == 1
         with pytest.raises(ValueError, match="sent to"):
             backend.complete(replace(request, model="other"))
+
+
+class FixedBackend:
+    """A backend with a fixed id (the fake server's port changes), for cache-key checks."""
+
+    id = "openai:http://127.0.0.1:1/v1"
+
+    def complete(self, request: ChatRequest) -> Any:
+        raise AssertionError("not called")
+
+
+def test_default_request_keeps_its_cache_key() -> None:
+    from neuroscribe.cache import cache_key
+
+    client = LLMClient(FixedBackend(), None)
+    request = ask("what is it?", system="be brief", seed=3)
+    # the key as it was before `n` and `logprobs` existed
+    before = {
+        "backend": FixedBackend.id,
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "what is it?"},
+        ],
+        "temperature": 0.0,
+        "max_tokens": 256,
+        "seed": 3,
+        "response_format": None,
+    }
+    assert client.key(request) == cache_key(before)
+    others = {client.key(replace(request, n=2)), client.key(replace(request, logprobs=0))}
+    assert len(others | {client.key(request)}) == 3
+    for bad in ({"n": 0}, {"logprobs": 21}, {"logprobs": True}):
+        with pytest.raises(ValueError):
+            replace(request, **bad)
+
+
+def test_several_choices(server: FakeOpenAI, tmp_path: Path) -> None:
+    server.add(Reply(None, texts=("a", "b", "c")), Reply("x"), Reply("y"))
+    with DiskCache(tmp_path / "cache", "llm") as cache:
+        client, _ = make_client(server, cache)
+        three = client.chat(ask("name three", temperature=1.0, n=3))
+        assert three.texts == ["a", "b", "c"] and three.text == "a"
+        assert server.requests[0]["n"] == 3
+        # without texts of its own, each choice takes the next scripted reply
+        two = client.chat(ask("name two", temperature=1.0, n=2))
+        assert two.texts == ["x", "y"]
+        assert server.requests[1]["n"] == 2 and len(server.requests) == 2
+    with DiskCache(tmp_path / "cache", "llm") as cache:
+        client, _ = make_client(server, cache)
+        again = client.chat(ask("name three", temperature=1.0, n=3))
+    assert again.cached and again.texts == ["a", "b", "c"] and len(server.requests) == 2
+
+
+def test_token_logprobs_round_trip_the_cache(server: FakeOpenAI, tmp_path: Path) -> None:
+    from neuroscribe.backends.llm import ChatReply, TokenLogprob
+
+    server.add(Reply("1\t7", numbers={1: {"7": 0.75, "3": 0.25}}))
+    with DiskCache(tmp_path / "cache", "llm") as cache:
+        client, _ = make_client(server, cache)
+        request = ask("rate", logprobs=3)
+        reply = client.chat(request)
+        old = ask("an entry written before texts and logprobs existed")
+        cache.put(client.key(old), {"text": "old", "prompt_tokens": 1, "completion_tokens": 2})
+    body = server.requests[0]
+    assert body["logprobs"] is True and body["top_logprobs"] == 3
+    assert reply.logprobs is not None and [t.token for t in reply.logprobs] == ["1", "\t", "7"]
+    seven = reply.logprobs[2]
+    assert seven.logprob == pytest.approx(math.log(0.75))
+    assert [t for t, _ in seven.top][:2] == ["7", "3"] and len(seven.top) == 3
+    assert reply.texts == ["1\t7"]
+    with DiskCache(tmp_path / "cache", "llm") as cache:
+        client, _ = make_client(server, cache)
+        again = client.chat(request)
+        legacy = client.chat(old)
+    assert again.cached and again.logprobs == reply.logprobs
+    assert all(isinstance(t, TokenLogprob) for t in again.logprobs or [])
+    assert legacy == ChatReply("old", 1, 2, True, ["old"], None)
+    assert len(server.requests) == 1
+    # a request without logprobs gets none, and its cache entry is the old shape
+    assert reply.as_json().keys() >= {"logprobs"}
+    plain = ChatReply("t", 1, 1, False)
+    assert plain.texts == ["t"] and plain.as_json() == {
+        "text": "t",
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+    }
+
+
+def test_local_value_distributions_match_a_direct_softmax(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+    from tiny_chat import build_tiny_chat
+
+    from neuroscribe.backends.llm import LocalBackend
+
+    folder = str(build_tiny_chat(tmp_path / "chat"))
+    backend = LocalBackend(folder)
+    tok = backend.tokenizer
+    values = [str(v) for v in range(11)]
+    messages = [{"role": "system", "content": "rate"}, {"role": "user", "content": "1\tdog"}]
+    reply = "1\t?\n2\t?\n10\t?\n"
+    slots = [2, 6, 11]
+    assert all(reply[s] == "?" for s in slots)
+    got = backend.value_distributions(messages, reply, slots, values)
+    assert got.shape == (3, 11)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-9)
+
+    # by hand: the template's tokens (as generation sees them) then the reply's
+    prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    prompt_ids = list(prompt_ids["input_ids"])
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tok(text + reply, add_special_tokens=False)["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids
+    value_ids = tok.convert_tokens_to_ids(values)
+    assert tok.convert_ids_to_tokens(value_ids) == values  # "10" is one token
+    with torch.no_grad():
+        logits = backend._model(torch.tensor([ids])).logits[0]
+    for row, slot in zip(got, slots, strict=True):
+        # the slot's token comes right after the tokens of everything before it
+        before = tok(text + reply[:slot], add_special_tokens=False)["input_ids"]
+        assert ids[: len(before)] == before
+        direct = torch.softmax(logits[len(before) - 1, value_ids].double(), dim=-1).numpy()
+        np.testing.assert_allclose(row, direct, rtol=1e-5, atol=1e-7)
+
+    with pytest.raises(ValueError, match="not a single token"):
+        backend.value_distributions(messages, reply, slots, ["1", "123456789"])
+    with pytest.raises(ValueError, match="does not start a token"):
+        backend.value_distributions(messages, "1\t10\n", [3], values)  # inside "10"
+    with pytest.raises(ValueError, match="outside the reply"):
+        backend.value_distributions(messages, reply, [len(reply)], values)
+
+    request = ChatRequest(folder, tuple(messages), max_tokens=4)
+    with pytest.raises(ValueError, match="identical greedy"):
+        backend.complete(replace(request, n=2))
+    with pytest.raises(ValueError, match="value_distributions"):
+        backend.complete(replace(request, logprobs=5))
+    sampled = backend.complete(replace(request, n=2, temperature=1.0, seed=1))
+    assert len(sampled.texts) == 2 and sampled.text == sampled.texts[0]
+    assert 2 <= sampled.completion_tokens <= 8

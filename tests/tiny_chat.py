@@ -27,6 +27,10 @@ SENTENCES = [
     "propose concepts that describe the neuron as JSON",
     '{"concepts": ["red circle", "dog", "striped texture"]}',
     "the images show yellow birds in a green tree",
+    # numbers and tab-separated listings, so "0".."10" are single tokens (the LLM simulator's
+    # teacher-forced values need them)
+    "rate each item from 0 1 2 3 4 5 6 7 8 9 to 10",
+    "1\t0\n2\t10\n3\t5\n4\t10\n5\t7\n6\t10\n7\t2\n8\t10\n9\t1\n10\t10\n",
 ]
 
 

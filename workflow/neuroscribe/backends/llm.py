@@ -17,18 +17,22 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Generic, Protocol, TypeVar
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from neuroscribe.cache import DiskCache, cache_key
 from neuroscribe.redaction import redact, secret_values
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ROLES = frozenset(["system", "user", "assistant"])
+MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit on `top_logprobs`
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,10 @@ class ChatRequest:
     max_tokens: int = 256
     seed: int = 0
     response_format: str | None = None  # "json": ask the backend for a JSON object
+    n: int = 1  # choices wanted (n > 1 needs temperature > 0 to be worth asking)
+    # None: no token log-probabilities; K: those of the first choice's tokens, each with its K
+    # most likely alternatives (the API's `top_logprobs`, 0-20)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # copy into plain dicts in a tuple, so a caller mutating its list cannot change the key
@@ -54,7 +62,29 @@ class ChatRequest:
             raise ValueError(
                 f"response_format must be None or 'json', not {self.response_format!r}"
             )
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n (choices) must be an integer of at least 1, not {self.n!r}")
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool)
+            or not isinstance(self.logprobs, int)
+            or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise ValueError(
+                f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS} (the top "
+                f"alternatives per token), not {self.logprobs!r}"
+            )
         object.__setattr__(self, "messages", messages)
+
+    def key_fields(self) -> dict[str, Any]:
+        """The request as the plain dict its cache key hashes. `n` and `logprobs` appear only
+        when they differ from their defaults, so requests made before they existed keep their
+        keys (and their cached replies)."""
+        fields = asdict(self)
+        if self.n == 1:
+            del fields["n"]
+        if self.logprobs is None:
+            del fields["logprobs"]
+        return fields
 
     @classmethod
     def of(cls, model: str, prompt: str, system: str | None = None, **kwargs: Any) -> ChatRequest:
@@ -64,12 +94,66 @@ class ChatRequest:
         return cls(model=model, messages=tuple(messages), **kwargs)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, its log-probability and its most likely alternatives
+    (token, log-probability), most likely first, as the backend reported them."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {"token": self.token, "logprob": self.logprob, "top": [list(t) for t in self.top]}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> TokenLogprob:
+        top = tuple((str(t), float(lp)) for t, lp in value.get("top", ()))
+        return cls(str(value["token"]), float(value["logprob"]), top)
+
+
 @dataclass
 class ChatReply:
+    """A reply: `text` is the first choice's text, `texts` every choice's (`texts[0] == text`);
+    `logprobs`, when asked for and given, are those of the first choice's tokens."""
+
     text: str
     prompt_tokens: int
     completion_tokens: int
     cached: bool
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.texts:
+            self.texts = [self.text]
+
+    def as_json(self) -> dict[str, Any]:
+        """The cached form, plain JSON: `texts` and `logprobs` only when they say more than
+        `text` (so a default request's entry is what it was before they existed)."""
+        value: dict[str, Any] = {
+            "text": self.text,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+        if self.texts != [self.text]:
+            value["texts"] = list(self.texts)
+        if self.logprobs is not None:
+            value["logprobs"] = [t.as_json() for t in self.logprobs]
+        return value
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any], cached: bool = True) -> ChatReply:
+        """A reply from its cached form, old entries (without `texts`, `logprobs`) included."""
+        logprobs = value.get("logprobs")
+        return cls(
+            text=value["text"],
+            prompt_tokens=value["prompt_tokens"],
+            completion_tokens=value["completion_tokens"],
+            cached=cached,
+            texts=list(value.get("texts") or [value["text"]]),
+            logprobs=None if logprobs is None else [TokenLogprob.from_json(t) for t in logprobs],
+        )
 
 
 @dataclass
@@ -179,6 +263,11 @@ class OpenAIBackend:
         kwargs: dict[str, Any] = {}
         if request.response_format == "json":
             kwargs["response_format"] = {"type": "json_object"}
+        if request.n > 1:
+            kwargs["n"] = request.n
+        if request.logprobs is not None:
+            kwargs["logprobs"] = True
+            kwargs["top_logprobs"] = request.logprobs
         try:
             completion = self._client.chat.completions.create(
                 model=request.model,
@@ -196,19 +285,39 @@ class OpenAIBackend:
             # e.g. a proxy's HTML page with status 200: not the API talking, worth another try
             raise TransientLLMError(f"response without choices: {str(completion)[:200]!r}")
         usage = completion.usage
+        choices = sorted(choices, key=lambda c: getattr(c, "index", 0) or 0)
+        texts = [c.message.content or "" for c in choices]
+        if len(texts) != request.n:
+            log.warning("%s: asked for %d choices, got %d", self.id, request.n, len(texts))
+        logprobs = None
+        if request.logprobs is not None:
+            content = getattr(getattr(choices[0], "logprobs", None), "content", None)
+            if content is not None:  # a compatible server may not give them: None, not []
+                logprobs = [
+                    TokenLogprob(
+                        t.token,
+                        float(t.logprob),
+                        tuple((a.token, float(a.logprob)) for a in t.top_logprobs or ()),
+                    )
+                    for t in content
+                ]
         return ChatReply(
-            text=choices[0].message.content or "",
+            text=texts[0],
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             cached=False,
+            texts=texts,
+            logprobs=logprobs,
         )
 
 
 class LocalBackend:
     """A chat model run in process with transformers (hub id or local folder).
 
-    Greedy decoding at temperature 0, else sampling seeded by `request.seed`. `response_format`
-    is not enforced here (no constrained decoding): `LLMClient.chat_json` validates instead.
+    Greedy decoding at temperature 0, else sampling seeded by `request.seed` (`n` > 1 choices
+    only when sampling). `response_format` is not enforced here (no constrained decoding):
+    `LLMClient.chat_json` validates instead. Generation gives no token log-probabilities;
+    `value_distributions` scores values in a given reply exactly instead.
     """
 
     def __init__(self, model: str, device: str = "cpu", dtype: str = "auto") -> None:
@@ -241,6 +350,16 @@ class LocalBackend:
 
         if request.model != self.model:
             raise ValueError(f"request for model {request.model!r} sent to {self!r}")
+        if request.logprobs is not None:
+            raise ValueError(
+                f"{self!r} gives no token log-probabilities from generation; ask without "
+                "logprobs, or score given values exactly with LocalBackend.value_distributions"
+            )
+        if request.n > 1 and request.temperature <= 0:
+            raise ValueError(
+                f"n={request.n} choices at temperature 0 would be {request.n} identical greedy "
+                "replies; ask with temperature > 0 for several choices"
+            )
         inputs = self.tokenizer.apply_chat_template(
             [dict(m) for m in request.messages],
             add_generation_prompt=True,
@@ -259,15 +378,118 @@ class LocalBackend:
                 **inputs,
                 max_new_tokens=request.max_tokens,
                 pad_token_id=pad if pad is not None else self.tokenizer.eos_token_id,
+                num_return_sequences=request.n,
                 **sampling,
             )
-        new = out[0, prompt_len:]
+        new = out[:, prompt_len:]
+        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
         return ChatReply(
-            text=self.tokenizer.decode(new, skip_special_tokens=True),
+            text=texts[0],
             prompt_tokens=prompt_len,
-            completion_tokens=int(new.shape[0]),
+            completion_tokens=sum(self._generated_length(row) for row in new),
             cached=False,
+            texts=texts,
         )
+
+    def _generated_length(self, row: Any) -> int:
+        """Tokens generated in one returned sequence: up to its first end token (included); the
+        rest is padding where several sequences of different lengths were returned."""
+        eos = self.tokenizer.eos_token_id
+        ends = (row == eos).nonzero() if eos is not None else []
+        return int(ends[0, 0]) + 1 if len(ends) else int(row.shape[0])
+
+    def value_distributions(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        reply: str,
+        slots: Sequence[int],
+        values: Sequence[str],
+    ) -> np.ndarray:
+        """The model's distribution over `values` at each slot of a given assistant reply.
+
+        The chat template of `messages` (with the generation prompt) followed by `reply` (no end
+        token) is run in one forward pass; at each character offset in `slots` (where a value
+        would be written in `reply`) the next-token logits of the tokens of `values` are
+        softmaxed among themselves: an array [len(slots), len(values)], rows summing to 1.
+        What follows a slot in `reply` (a placeholder, say) is seen only by later slots.
+
+        Each slot must start a token of `reply` as tokenized in context (write a tab or newline
+        before it, not a space: byte-level BPE merges a space into the digit after it), and
+        each value must be one token there; ValueError otherwise, so a caller can fall back to
+        generating and parsing.
+        """
+        import numpy as np
+        import torch
+
+        if not values:
+            raise ValueError("value_distributions needs at least one value")
+        if not self.tokenizer.is_fast:
+            raise ValueError(f"{self!r}: reading values needs a fast tokenizer (offset mapping)")
+        prompt = self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+        )
+        encoded = self.tokenizer(
+            prompt + reply, add_special_tokens=False, return_offsets_mapping=True
+        )
+        ids: list[int] = list(encoded["input_ids"])
+        # the first token starting at each character offset
+        starts: dict[int, int] = {}
+        for t, (start, end) in enumerate(encoded["offset_mapping"]):
+            if end > start:
+                starts.setdefault(start, t)
+        if len(prompt) not in starts:
+            raise ValueError(
+                f"the reply's first characters merge into the chat template's last token under "
+                f"{self.model}'s tokenizer; the reply would not be read as the model writes it"
+            )
+        positions: list[int] = []
+        value_ids: list[list[int]] = []
+        by_context: dict[str, list[int]] = {}
+        for slot in slots:
+            if not 0 <= slot < len(reply):
+                raise ValueError(f"slot {slot} is outside the reply ({len(reply)} characters)")
+            t = starts.get(len(prompt) + slot)
+            if not t or not self.tokenizer.decode([ids[t]]).startswith(reply[slot]):
+                raise ValueError(
+                    f"slot {slot} of the reply ({reply[max(0, slot - 8) : slot + 8]!r}) does not "
+                    f"start a token of {self.model}'s tokenizer; put a tab or newline before it"
+                )
+            positions.append(t - 1)  # the logits there predict the token at the slot
+            context = reply[reply.rfind("\n", 0, slot) + 1 : slot]  # the line so far
+            if context not in by_context:
+                by_context[context] = self._value_ids(context, values)
+            value_ids.append(by_context[context])
+        if not positions:
+            return np.zeros((0, len(values)))
+        with self._lock, torch.no_grad():
+            logits = self._model(torch.tensor([ids], device=self.device)).logits[0]
+            rows = torch.stack([logits[p, v] for p, v in zip(positions, value_ids, strict=True)])
+            return torch.softmax(rows.double(), dim=-1).cpu().numpy()
+
+    def _value_ids(self, context: str, values: Sequence[str]) -> list[int]:
+        """The token id of each value written right after `context` (e.g. "3\t"), where it
+        must be one token of its own (not merged with what precedes it)."""
+        ids = []
+        for value in values:
+            text = context + value
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            inside = [
+                (tid, start, end)
+                for tid, (start, end) in zip(
+                    encoded["input_ids"], encoded["offset_mapping"], strict=True
+                )
+                if end > len(context)
+            ]
+            one = len(inside) == 1 and inside[0][1:] == (len(context), len(text))
+            if not one or self.tokenizer.decode([inside[0][0]]) != value:
+                pieces = self.tokenizer.convert_ids_to_tokens([tid for tid, _, _ in inside])
+                raise ValueError(
+                    f"value {value!r} is not a single token of {self.model}'s tokenizer after "
+                    f"{context!r} (it is {pieces}); its probability cannot be read from one "
+                    "forward pass: generate the reply and parse it instead"
+                )
+            ids.append(int(inside[0][0]))
+        return ids
 
 
 @dataclass
@@ -355,7 +577,8 @@ class LLMClient:
     """Cached, retrying, concurrency-bounded chat over one backend.
 
     Replies are cached in `cache` (a DiskCache, namespace "llm" by convention) under
-    `cache_key({"backend": backend.id, **asdict(request)})`, and stored as soon as they arrive.
+    `cache_key({"backend": backend.id, **request.key_fields()})`, and stored as soon as they
+    arrive.
     """
 
     def __init__(
@@ -405,7 +628,7 @@ class LLMClient:
         """Where the request's live reply is cached: its first key, or, once replies to it were
         rejected as unusable, a fresh key per rejection (every key is written once, so jobs
         reading the cache's segments in any order agree on the answer)."""
-        base = cache_key({"backend": self.backend.id, **asdict(request)})
+        base = cache_key({"backend": self.backend.id, **request.key_fields()})
         generation = 0
         if self.cache is not None:
             while self.cache.get(_rejection_key(base, generation)) is not None:
@@ -419,12 +642,42 @@ class LLMClient:
             hit = cache.get(key)
             if hit is not None:
                 self._count(cache_hits=1)
-                return ChatReply(**hit, cached=True)
+                return ChatReply.from_json(hit)
         reply = self._complete(request)
         if cache is not None:
             # stored at once: a job killed after this point never pays for this reply again
-            cache.put(key, {k: v for k, v in asdict(reply).items() if k != "cached"})
+            cache.put(key, reply.as_json())
         return reply
+
+    def value_distributions(
+        self, request: ChatRequest, reply: str, slots: Sequence[int], values: Sequence[str]
+    ) -> np.ndarray:
+        """`LocalBackend.value_distributions` of the request's messages, through the cache (a
+        rerun computes nothing) and counted as one request. The backend must be in process
+        (TypeError otherwise); ValueError where the values cannot be read in one pass."""
+        import numpy as np
+
+        score = getattr(self.backend, "value_distributions", None)
+        if score is None:
+            raise TypeError(f"{self.backend.id} cannot score given values (no forward pass here)")
+        fields = {"backend": self.backend.id, **request.key_fields()}
+        key = "values:" + cache_key(
+            {**fields, "reply": reply, "slots": list(slots), "values": list(values)}
+        )
+        hit = None if self.cache is None else self.cache.get(key)
+        if hit is not None:
+            self._count(cache_hits=1)
+            return np.asarray(hit, dtype=np.float64).reshape(len(slots), len(values))
+        self._count(requests=1)
+        try:
+            with self._slots:
+                result = score(request.messages, reply, slots, values)
+        except Exception:
+            self._count(failures=1)
+            raise
+        if self.cache is not None:
+            self.cache.put(key, result.tolist())
+        return result
 
     def reject(self, request: ChatRequest, reason: str) -> None:
         """Mark the cached reply to `request` as unusable: the next `chat` of the same request

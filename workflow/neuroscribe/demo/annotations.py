@@ -85,7 +85,8 @@ class AnnotationSimulator:
     """The demo world's exact simulator: 1 where an image's annotation carries the label's
     concept, else 0. The label is read with the world's own vocabulary (`parse_concept`); an
     image carries it when one of its objects has every object attribute the label names
-    (shape, colour, texture, size) and its background is the one the label names, if any."""
+    (shape, colour, texture, size) and its background is the one the label names, if any.
+    Over class names (`predict_classes`), only the shape can be compared."""
 
     id = "annotations"
 
@@ -130,4 +131,42 @@ class AnnotationSimulator:
                 f"{len(missing)} evaluation images have no annotation (first: {missing[0]}); "
                 "the `annotations` simulator needs a probe set of demo worlds only"
             )
+        return Simulation(predictions, reasons)
+
+    def predict_classes(self, labels: Sequence[str], classes: Sequence[str]) -> Simulation:
+        """Class names as items (TeLLMe's weight-based variant). The demo's classes are shapes,
+        and a class name carries only its shape, so the one attribute compared is the shape: 1
+        where the label's shape is the class's, else 0. A label naming no shape (only a colour,
+        say) gets NaN and a reason; a class name naming no shape raises ValueError."""
+        from neuroscribe.backends.synthesizers import UnrenderableConcept
+        from neuroscribe.demo.renderer import parse_concept
+
+        shapes = []
+        for name in classes:
+            try:
+                shape = parse_concept(name).shape
+            except UnrenderableConcept:
+                shape = None
+            if shape is None:
+                raise ValueError(
+                    f"class name {name!r} names no shape of the demo world; the `annotations` "
+                    "simulator reads class names as shapes (a demo model's classes)"
+                )
+            shapes.append(shape)
+        predictions = np.full((len(labels), len(classes)), np.nan, dtype=np.float32)
+        reasons: list[str | None] = []
+        for j, label in enumerate(labels):
+            why = unusable(label)
+            shape = None
+            if why is None:
+                try:
+                    shape = parse_concept(label).shape
+                except UnrenderableConcept:
+                    why = f"no word of the demo world's vocabulary in {label!r}"
+                else:
+                    if shape is None:
+                        why = "the label names no shape; classes are shapes"
+            reasons.append(why)
+            if why is None:
+                predictions[j] = [float(shape == s) for s in shapes]
         return Simulation(predictions, reasons)
