@@ -4,6 +4,7 @@ on a small demo world."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import h5py
@@ -39,6 +40,7 @@ from neuroscribe.evaluation.split import heldout_mask
 from neuroscribe.evaluation.stage import (
     Scorers,
     _class_rows,
+    _simulation_rows,
     evaluate_layer,
     format_summary,
     summarise,
@@ -149,6 +151,23 @@ def test_bad_evaluation_settings_fail_at_parse_time(tmp_path: Path) -> None:
     cfg["probe"]["datasets"].append({"name": "photos", "type": "folder", "path": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"annotations reads the demo world's .* \(photos\)"):
         check_evaluation(cfg, {"shapenet": "fc"}, {"shapenet": {"fc": 7}})
+    # the llm simulator needs a chat model (the demo config's llm backend is none)
+    cfg = validate_config(_demo_config(simulator={"backend": "llm"}))
+    assert cfg["llm"]["backend"] == "none" and cfg["evaluation"]["simulator"]["logprobs"] is True
+    with pytest.raises(
+        ConfigError,
+        match=r"'evaluation\.simulator\.backend': llm .* llm\.backend is none; set llm\.backend "
+        r"to openai or local",
+    ):
+        check_evaluation(cfg, {"shapenet": "fc"}, {"shapenet": {"fc": 7}})
+    cfg["llm"]["backend"] = "openai"
+    check_evaluation(cfg, {"shapenet": "fc"}, {"shapenet": {"fc": 7}})
+    # its captions: the annotations captioner has them only for demo worlds
+    cfg["probe"]["datasets"].append({"name": "photos", "type": "folder", "path": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"'captioner\.backend': .* not for photos; use `blip`"):
+        check_evaluation(cfg, {"shapenet": "fc"}, {"shapenet": {"fc": 7}})
+    cfg["captioner"]["backend"] = "blip"
+    check_evaluation(cfg, {"shapenet": "fc"}, {"shapenet": {"fc": 7}})
 
 
 @pytest.fixture(scope="module")
@@ -242,11 +261,10 @@ def _evaluate_fc(tmp_path: Path, out: Path, **extra: object) -> None:
     )
 
 
-def test_layer_job_scores_labels_against_their_shuffle(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Labels that the annotations simulator makes exactly right for a neuron's activations
-    beat their shuffled control; every row says who scored it, and unscored rows say why."""
+def _shape_layer(tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A demo world, its manifest and the merged fc file of the demo CNN under `tmp_path`, the
+    fc neurons 0-6 firing exactly on the images that hold shape i; returns the file's image ids
+    and held-out flags."""
     render_world(tmp_path / "world", n_images=120, size=32, seed=4)
     build_manifest(
         [DatasetSpec(name="w", type="folder", path=str(images_folder(tmp_path / "world")))],
@@ -268,6 +286,17 @@ def test_layer_job_scores_labels_against_their_shuffle(
         )
         h5["activations"][...] = truth.astype(np.float16)
         held = h5["heldout"][:]
+    return ids, held
+
+
+def test_layer_job_scores_labels_against_their_shuffle(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Labels that the annotations simulator makes exactly right for a neuron's activations
+    beat their shuffled control; every row says who scored it, and unscored rows say why."""
+    from neuroscribe.demo.world import SHAPES
+
+    ids, held = _shape_layer(tmp_path)
     assert 0 < held.sum() < len(held)
     # held-out images are never among the top-K the methods see
     with h5py.File(tmp_path / "fc.h5", "r") as h5:
@@ -359,3 +388,160 @@ def test_layer_job_scores_labels_against_their_shuffle(
     named = judged[(judged.method == "m") & (judged.metric == "truth_named")].set_index("neuron")
     assert list(named["truth"]) == [f"shape:{s}" for s in SHAPES]
     assert named.loc[0:5, "value"].tolist() == [1.0] * 6 and named.loc[6, "value"] == 0.0
+
+
+def test_llm_simulator_scores_every_method_from_the_heldout_captions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The llm simulator reads each held-out image's caption (captioned once, for every
+    method) and asks the chat model once per distinct label, whatever the method; a rerun asks
+    nothing, from the rows' cache or, without it, from the LLM cache."""
+    from fake_openai import fake_openai, tellme_responder
+
+    from neuroscribe.cache import DiskCache
+    from neuroscribe.demo.annotations import load_annotations
+    from neuroscribe.demo.world import SHAPES
+
+    monkeypatch.setenv("NEUROSCRIBE_TEST_KEY", "sk-test-secret")
+    ids, held = _shape_layer(tmp_path)
+    labels = {
+        "m": [*SHAPES[:6], "zebra"],  # neurons 0-5 named by their shape; 6 by no world word
+        "n": ["circle", "striped things", "zebra", None, "square", "star", "ring"],
+    }
+    pd.DataFrame(
+        [
+            {
+                "model": "shapenet",
+                "layer": "fc",
+                "neuron": n,
+                "method": method,
+                "label": label,
+                "exemplar_ids": [],
+            }
+            for method, named in labels.items()
+            for n, label in enumerate(named)
+        ]
+    ).to_parquet(tmp_path / "descriptions.parquet")
+    distinct = {x for named in labels.values() for x in named if x is not None}
+    world = [("w", str(tmp_path / "world"))]
+
+    def run(out: str, llm: dict, simulator: dict | None = None) -> pd.DataFrame:
+        evaluate_layer(
+            tmp_path / "descriptions.parquet",
+            tmp_path / "fc.h5",
+            tmp_path / "manifest.parquet",
+            CNN,
+            "fc",
+            width=7,
+            output_layer=False,
+            classes_file=None,
+            simulator=simulator or {"backend": "llm", "model": "unused", "logprobs": True},
+            text_model=None,
+            worlds=world,  # the annotations simulator's
+            out=tmp_path / out,
+            cache=tmp_path / "cache",
+            captioner={"backend": "annotations"},
+            captioner_worlds=world,
+            llm=llm,
+        )
+        return pd.read_parquet(tmp_path / out)
+
+    caplog.set_level("INFO")
+    with fake_openai(default=tellme_responder) as server:
+        llm = {
+            "backend": "openai",
+            "model": "fake-model",
+            "base_url": server.base_url,
+            "api_key_env": "NEUROSCRIBE_TEST_KEY",
+            "seed": 0,
+            "max_concurrency": 4,
+            "max_attempts": 2,
+            "timeout_s": 5,
+        }
+        rows = run("a.parquet", llm)
+        # one request per distinct label over both methods, each listing every held-out image
+        # by its caption, token probabilities asked
+        bodies = list(server.requests)
+        assert len(bodies) == len(distinct)
+        assert all(b["logprobs"] and b["model"] == "fake-model" for b in bodies)
+        listed = [b["messages"][-1]["content"] for b in bodies]
+        assert all(f"\n{held.sum() + 1}\t" not in m for m in listed)
+        notes = load_annotations(world).set_index("image_id")["caption"]
+        listing = "\n".join(f"{k}\t{notes[i]}" for k, i in enumerate(ids[held], 1))
+        assert all(listing in m for m in listed)
+        # each held-out image captioned once, into the run's caption cache
+        with DiskCache(tmp_path / "cache", "captions") as captions:
+            assert len(captions) == held.sum()
+
+        sim = rows[rows["metric"] == "simulation_r"]
+        assert set(rows["metric"]) == {"simulation_r"} and len(sim) == 14
+        assert sim["scorer"].nunique() == 1
+        scorer = sim["scorer"].iloc[0]
+        assert scorer.startswith("llm:") and ":fake-model:prompts-" in scorer
+        m = sim[sim["method"] == "m"].set_index("neuron")
+        # a caption names an image's shapes: the simulation is the neuron's activation
+        assert m.loc[0:5, "value"].tolist() == pytest.approx([1.0] * 6, abs=1e-3)
+        assert (m.loc[0:5, "shuffled"].dropna() < 0.9).all()
+        assert m.loc[0:5, "reason"].isna().all()
+        assert pd.isna(m.loc[6, "value"]) and "predicts the same value" in m.loc[6, "reason"]
+        n = sim[sim["method"] == "n"].set_index("neuron")
+        assert n.loc[0, "value"] == pytest.approx(m.loc[0, "value"])
+        assert np.isfinite(n.loc[1, "value"])  # "striped": a texture word of the captions
+        assert pd.isna(n.loc[3, "value"]) and n.loc[3, "reason"] == "no label"
+        assert np.isfinite(n.loc[[4, 5, 6], "value"].astype(float)).all()
+        assert "llm: {'requests': " in caplog.text
+
+        # a rerun: the rows' cache, no request
+        again = run("b.parquet", llm)
+        assert "m, n from the cache" in caplog.text
+        pd.testing.assert_frame_equal(again, rows)
+        # without the rows' cache: the captions' and the LLM's caches, still no request
+        shutil.rmtree(tmp_path / "cache" / "evaluation")
+        caplog.clear()
+        third = run("c.parquet", llm)
+        assert "m, n from the cache" not in caplog.text
+        pd.testing.assert_frame_equal(third, rows)
+        n_held = int(held.sum())
+        assert f"captions: {n_held} held-out images, {n_held} from the cache, 0 captioned" in (
+            caplog.text
+        )
+        # a setting of how fast, not what, scores nothing again
+        faster = run("d.parquet", llm | {"max_concurrency": 1, "timeout_s": 9})
+        pd.testing.assert_frame_equal(faster, rows)
+        assert len(server.requests) == len(distinct)
+
+    # the other simulators' rows do not depend on the llm-only key (old caches still hit)
+    plain = run("e.parquet", {}, {"backend": "annotations"})
+    caplog.clear()
+    run("f.parquet", {}, {"backend": "annotations", "logprobs": True})
+    assert "m, n from the cache" in caplog.text
+    assert set(plain["scorer"]) == {"annotations"}
+
+
+def test_values_a_reply_left_out_are_left_out_of_the_correlation() -> None:
+    """An llm reply may give no value for some images: r is over the images it gave one for,
+    nothing guessed; a label with no value at all says so."""
+    from neuroscribe.backends.simulators import Simulation
+
+    class Partial:
+        id = "partial"
+
+        def predict(self, labels: list[str], images: list[ProbeImage]) -> Simulation:
+            rows = {
+                "a": [0.0, 10.0, np.nan, 10.0, 0.0],  # the third image left out
+                "b": [np.nan] * 5,
+            }
+            return Simulation(
+                np.array([rows[x] for x in labels], dtype=np.float32),
+                [None] * len(labels),
+                missing=[int(np.isnan(rows[x]).sum()) for x in labels],
+            )
+
+    # neuron 0 fires on images 1 and 3 only, except on the image the reply left out
+    activations = np.array([[0, 0], [1, 1], [5, 0], [1, 0], [0, 1]], dtype=np.float32)
+    images = [ProbeImage(str(i), "") for i in range(5)]
+    rows = _simulation_rows({0: "a", 1: "b"}, {0: 0, 1: 1}, activations, Partial(), images, 0)
+    by = {r["neuron"]: r for r in rows}
+    assert by[0]["value"] == pytest.approx(1.0) and by[0]["reason"] is None
+    assert by[1]["value"] is None
+    assert by[1]["reason"] == "the simulator gave no value for any held-out image"

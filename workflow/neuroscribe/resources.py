@@ -24,12 +24,21 @@ def stage_uses_gpu(config: dict[str, Any], stage: str) -> bool:
     """Whether the stage's backend computes anything on a GPU at all (device aside)."""
     from neuroscribe import methods
 
-    if stage == "evaluation":  # the clip simulator embeds images; annotations run no model
-        return config["evaluation"]["simulator"]["backend"] == "clip"
+    if stage == "evaluation":
+        return _evaluation_uses_gpu(config)
     method_stages = methods.all_stages(config)
     if stage in method_stages:
         return method_stages[stage].uses_gpu(config)
     return stage in GPU_STAGES
+
+
+def _evaluation_uses_gpu(config: dict[str, Any]) -> bool:
+    """The clip simulator embeds images; annotations run no model; llm runs the chat model in
+    the job (`llm.backend: local`) and captions the held-out images (a blip captioner)."""
+    backend = config["evaluation"]["simulator"]["backend"]
+    if backend == "llm":
+        return config["llm"]["backend"] == "local" or config["captioner"]["backend"] == "blip"
+    return backend == "clip"
 
 
 def stage_gpus(config: dict[str, Any], stage: str) -> int:

@@ -1,6 +1,10 @@
 # The held-out evaluation (neuroscribe.evaluation): one job per described layer scores every
 # method's labels on the images no method saw, then one job summarises them. Its outputs are
 # targets of `all` only when `evaluation.enabled` is true.
+from neuroscribe.evaluation.checks import layer_job_settings
+
+# the simulator is the `llm` role, reading the held-out images' captions
+LLM_SIMULATOR = config["evaluation"]["simulator"]["backend"] == "llm"
 
 
 rule evaluate_layer:
@@ -8,7 +12,15 @@ rule evaluate_layer:
         descriptions=PATHS.descriptions(),
         layer=PATHS.layer_file(),
         manifest=PATHS.manifest,
-        worlds=lambda w: [f for _, f in simulated_worlds() + demo_world_pairs()],
+        # the simulator's, the truth's and the captioner's demo worlds
+        worlds=lambda w: list(
+            dict.fromkeys(
+                f
+                for _, f in simulated_worlds()
+                + demo_world_pairs()
+                + (annotation_world_pairs() if LLM_SIMULATOR else [])
+            )
+        ),
         external=[t["path"] for t in config["evaluation"]["external"]],
     output:
         PATHS.evaluation_layer(),
@@ -16,6 +28,8 @@ rule evaluate_layer:
         PATHS.log("evaluate_layer", "{model}", "{layer}"),
     benchmark:
         PATHS.benchmark("evaluate_layer", "{model}", "{layer}")
+    # the llm simulator calls an API the compute nodes may not reach (llm.run_on)
+    localrule: LLM_SIMULATOR and DERIVED.llm_on_head
     conda:
         GPU_ENV
     threads: stage_resource("evaluation", "cpus")
@@ -23,12 +37,11 @@ rule evaluate_layer:
         mem_mb=scaled("evaluation", "mem_mb"),
         runtime=scaled("evaluation", "runtime"),
         gpu=gpus("evaluation"),
+        llm_api=int(LLM_SIMULATOR and config["llm"]["backend"] == "openai"),
     params:
         settings=lambda w: as_json(
-            {
-                "evaluation": config["evaluation"],
-                "classes": classes_files()[w.model],
-            }
+            layer_job_settings(config, llm_args())
+            | {"classes": classes_files()[w.model]}
         ),
         args=lambda w, input, output: as_json(
             {
@@ -51,6 +64,11 @@ rule evaluate_layer:
                 "seed": config["evaluation"]["seed"],
                 "device": config["device"],
                 "dtype": config["dtype"],
+                "captioner": config["captioner"] if LLM_SIMULATOR else None,
+                "captioner_worlds": (
+                    annotation_world_pairs() if LLM_SIMULATOR else []
+                ),
+                "llm": llm_args() if LLM_SIMULATOR else None,
             }
         ),
     shell:

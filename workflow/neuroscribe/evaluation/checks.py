@@ -1,4 +1,5 @@
-"""The evaluation's settings checked when the workflow is parsed, before any job runs."""
+"""The evaluation's settings checked when the workflow is parsed, before any job runs, and what
+of them a layer job's scores depend on."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def check_evaluation(
     output_layers: dict[str, str | None],
     layer_sizes: dict[str, dict[str, int]],
 ) -> None:
-    """Class files, external tables, and a simulator that can read the probe set."""
+    """Class files, external tables, and a simulator that can read the probe set (and, for llm,
+    has a chat model)."""
     simulator = config["evaluation"]["simulator"]["backend"]
     other = [d["name"] for d in config["probe"]["datasets"] if d["type"] != "demo"]
     if simulator == "annotations" and other:
@@ -23,5 +25,44 @@ def check_evaluation(
             f"annotations, but the probe set has other datasets ({', '.join(other)}); use "
             "backend: clip"
         )
+    if simulator == "llm" and config["llm"]["backend"] == "none":
+        raise ConfigError(
+            "config key 'evaluation.simulator.backend': llm simulates with the `llm` role, and "
+            "llm.backend is none; set llm.backend to openai or local, or use the clip (or, on "
+            "the demo world, annotations) simulator"
+        )
+    if simulator == "llm" and config["captioner"]["backend"] == "annotations" and other:
+        raise ConfigError(
+            "config key 'captioner.backend': the llm simulator reads the held-out images' "
+            "captions, and `annotations` has captions only for demo datasets, not for "
+            f"{', '.join(other)}; use `blip`"
+        )
     check_class_files(config, output_layers, layer_sizes)
     check_external(config)
+
+
+# settings of the llm and captioner sections that change how fast, not what (left out of what
+# the llm simulator's scores depend on, as the methods leave them out of their stages' settings)
+PERFORMANCE_KEYS = {"batch_size", "max_concurrency", "max_attempts", "timeout_s", "run_on"}
+
+
+def llm_settings(captioner: dict[str, Any], llm: dict[str, Any]) -> dict[str, Any]:
+    """What the llm simulator's scores depend on in the `captioner` and `llm` sections."""
+
+    def results_of(section: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in section.items() if k not in PERFORMANCE_KEYS}
+
+    return {"captioner": results_of(captioner), "llm": results_of(llm)}
+
+
+def layer_job_settings(config: dict[str, Any], llm: dict[str, Any]) -> dict[str, Any]:
+    """The settings a layer job's scores depend on (a change reruns it): the `evaluation`
+    section, the simulator's llm-only key left out unless it is llm, and then the llm (`llm`:
+    the section jobs get) and captioner settings too; runs of the other simulators keep their
+    params."""
+    evaluation = dict(config["evaluation"])
+    simulator = evaluation["simulator"]
+    if simulator["backend"] != "llm":
+        evaluation["simulator"] = {k: v for k, v in simulator.items() if k != "logprobs"}
+        return {"evaluation": evaluation}
+    return {"evaluation": evaluation} | llm_settings(config["captioner"], llm)

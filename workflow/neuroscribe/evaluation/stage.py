@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from neuroscribe.config import TargetSpec
+from neuroscribe.evaluation.checks import llm_settings
 from neuroscribe.evaluation.classes import class_names
 from neuroscribe.evaluation.external import external_labels
 from neuroscribe.evaluation.metrics import bootstrap_interval, names_class, pearson_rows, shuffled
@@ -79,6 +81,16 @@ def _simulation_rows(
     control = shuffled(real, seed)
     distinct = list(dict.fromkeys(x for x in real if isinstance(x, str)))
     simulation = sim.predict(distinct, images)
+    short = [m for m in simulation.missing if m]
+    if short:
+        log.warning(
+            "%s gave no value for some held-out images under %d of %d labels (%d values in "
+            "all); their r is over the images it gave one for",
+            sim.id,
+            len(short),
+            len(distinct),
+            sum(short),
+        )
     where = {label: j for j, label in enumerate(distinct)}
     actual = activations[:, [positions[n] for n in neurons]].T
 
@@ -96,10 +108,19 @@ def _simulation_rows(
         for i, why in enumerate(reasons):
             if why is not None:
                 r[i] = np.nan
-            elif np.isnan(r[i]):
+                continue
+            # a simulator that reads replies (llm) may give no value for some images: r over
+            # the images it gave one for, nothing guessed for the others
+            given = np.isfinite(predicted[i])
+            if not given.any():
+                r[i] = np.nan
+                reasons[i] = "the simulator gave no value for any held-out image"
+            elif not given.all():
+                r[i] = pearson_rows(predicted[i][None, given], actual[i][None, given])[0]
+            if np.isnan(r[i]) and reasons[i] is None:
                 reasons[i] = (
                     "the neuron's activation is the same on every held-out image"
-                    if np.ptp(actual[i]) == 0
+                    if np.ptp(actual[i][given]) == 0
                     else "the simulator predicts the same value for every held-out image (the "
                     "label's concept is in all of them or in none)"
                 )
@@ -123,7 +144,9 @@ def _simulation_rows(
 @dataclass
 class Scorers:
     """The models a layer's evaluation needs, each loaded on first use (a layer whose methods
-    all come from the cache loads none)."""
+    all come from the cache loads none). The `llm` simulator reads the held-out images'
+    captions (`captioner`, its annotated `captioner_worlds`) and asks the `llm` role, its replies
+    cached under `cache`; use the scorers in a `with` block, which closes that cache."""
 
     simulator: dict[str, Any]
     text_model: str | None
@@ -131,19 +154,93 @@ class Scorers:
     worlds: Sequence[tuple[str, str]]
     device: str
     dtype: str
+    captioner: dict[str, Any] | None = None
+    captioner_worlds: Sequence[tuple[str, str]] = ()
+    llm: dict[str, Any] | None = None
+    cache: str | Path | None = None
     _loaded: dict[str, Any] = field(default_factory=dict)
+    _open: ExitStack = field(default_factory=ExitStack)
+
+    def __enter__(self) -> Scorers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._open.close()
 
     def _get(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._loaded:
             self._loaded[key] = make()
         return self._loaded[key]
 
-    def simulate(self) -> Any:
-        from neuroscribe.backends.simulators import simulator
+    @property
+    def reads_captions(self) -> bool:
+        return self.simulator["backend"] == "llm"
 
-        return self._get(
-            "simulator", lambda: simulator(self.simulator, self.worlds, self.device, self.dtype)
-        )
+    def simulate(self) -> Any:
+        from neuroscribe.backends.simulators import llm_simulator, simulator
+
+        if not self.reads_captions:
+            return self._get(
+                "simulator", lambda: simulator(self.simulator, self.worlds, self.device, self.dtype)
+            )
+
+        def make() -> Any:
+            from neuroscribe.cache import DiskCache
+
+            if self.llm is None or self.cache is None:
+                raise ValueError("the llm simulator needs the `llm` section and the cache folder")
+            store = self._open.enter_context(DiskCache(self.cache, "llm"))
+            return llm_simulator(
+                self.llm,
+                store,
+                self.device,
+                self.dtype,
+                logprobs=self.simulator.get("logprobs", True),
+                seed=self.llm.get("seed", 0),
+            )
+
+        return self._get("simulator", make)
+
+    def probe_images(self, images: list[Any], manifest: str | Path) -> list[Any]:
+        """The held-out images as the simulator reads them: for `llm`, each with its caption,
+        through the run's caption cache (each image captioned once, for every method)."""
+        if not self.reads_captions:
+            return images
+
+        def caption() -> list[Any]:
+            from dataclasses import replace
+
+            from neuroscribe.backends import caption_exemplars
+
+            if self.captioner is None or self.cache is None:
+                raise ValueError("the llm simulator needs the `captioner` section and the cache")
+            wanted = pd.DataFrame({"image_id": [i.image_id for i in images], "box": None})
+            captions, cached = caption_exemplars(
+                wanted,
+                manifest,
+                self.captioner,
+                self.captioner_worlds,
+                self.cache,
+                self.device,
+                self.dtype,
+            )
+            s = cached.stats
+            log.info(
+                "captions: %d held-out images, %d from the cache, %d captioned by %s",
+                s.unique,
+                s.cache_hits,
+                s.captioned,
+                cached.id,
+            )
+            return [replace(i, caption=c) for i, c in zip(images, captions, strict=True)]
+
+        return self._get("images", caption)
+
+    def log_llm(self) -> None:
+        """The LLM client's requests, cache hits and tokens, when the llm simulator ran."""
+        client = getattr(self._loaded.get("simulator"), "client", None)
+        if client is not None:
+            log.info("llm: %s", client.stats.as_dict())
 
     def sentences(self) -> Any:
         from neuroscribe.backends.textsim import SentenceSimilarity
@@ -319,12 +416,20 @@ def evaluate_layer(
     seed: int = 0,
     device: str = "auto",
     dtype: str = "auto",
+    captioner: dict[str, Any] | None = None,
+    captioner_worlds: Sequence[tuple[str, str]] = (),
+    llm: dict[str, Any] | None = None,
 ) -> None:
     """Every labelling method's labels of one layer (`width` neurons wide, of which the
     described ones are stored), and those of `external` tables, scored on its held-out images;
     on demo worlds (`truth_worlds`), each method also against the world's truth. Each method's
     rows are kept in `cache` under a digest of everything they depend on, so a rerun after a
-    method was added scores only the new one."""
+    method was added scores only the new one.
+
+    The `llm` simulator reads the held-out images' captions, made by `captioner` (the config's
+    section; `captioner_worlds` the annotated worlds its `annotations` backend reads) through
+    the run's caption cache, and asks the `llm` role (the config's section, model filled in),
+    its replies in the run's LLM cache: one request per distinct label."""
     from neuroscribe.backends.simulators import ProbeImage
 
     table = pd.read_parquet(descriptions)
@@ -334,7 +439,9 @@ def evaluate_layer(
     images = [ProbeImage(i, str(paths[r])) for i, r in zip(ids, rows_, strict=True)]
     positions = {n: j for j, n in enumerate(stored)}
     names = class_names(target, classes_file, width) if output_layer else None
-    scorers = Scorers(simulator, text_model, clip_model, worlds, device, dtype)
+    reads_captions = simulator["backend"] == "llm"
+    if reads_captions and (captioner is None or llm is None):
+        raise ValueError("the llm simulator needs the `captioner` and `llm` sections")
     methods: dict[str, dict[int, str | None]] = {}
     exemplars: dict[str, dict[int, list[str]]] = {}
     for method, group in table.groupby("method", sort=True):
@@ -354,9 +461,10 @@ def evaluate_layer(
         all_ids, all_activations = _all_images(layer_file)
         classes = None if names is None else [n[0] for n in names]
         truth = layer_truth(truth_worlds, all_ids, all_activations, stored, classes)
-    # what every method's rows depend on besides its labels
-    common = _digest(
-        simulator,
+    # what every method's rows depend on besides its labels; the llm-only settings only with
+    # the llm simulator, so the other simulators' digests (and their cached rows) stay as they were
+    parts: list[Any] = [
+        simulator if reads_captions else {k: v for k, v in simulator.items() if k != "logprobs"},
         text_model,
         clip_model,
         seed,
@@ -364,34 +472,59 @@ def evaluate_layer(
         None if truth is None else sorted(truth.truth.items()),
         ids.tolist(),
         hashlib.sha256(np.ascontiguousarray(activations).tobytes()).hexdigest(),
-    )
+    ]
+    if reads_captions:
+        from neuroscribe.backends.simulators import SimulatorPrompts
+
+        assert captioner is not None and llm is not None
+        # the simulator's prompt texts too: an edit of them scores every method again
+        parts.append(llm_settings(captioner, llm) | {"prompts": SimulatorPrompts.load().digest})
+    common = _digest(*parts)
     folder = Path(cache) / "evaluation" / target.name / layer
     out_rows: list[dict[str, Any]] = []
     reused = []
-    for method in sorted(set(methods) | (set(exemplars) if truth is not None else set())):
-        labels = methods.get(method)
-        mine = exemplars.get(method, {}) if truth is not None else {}
-        key = _digest(common, sorted((labels or {}).items()), sorted(mine.items()))
-        cached = folder / f"{method}-{key}.parquet"
-        if cached.is_file():
-            found = pd.read_parquet(cached).to_dict("records")
-            reused.append(method)
-        else:
-            found = []
-            if labels is not None:
-                found += _simulation_rows(
-                    labels, positions, activations, scorers.simulate(), images, seed
-                )
-                if names is not None:
-                    found += _class_rows(labels, names, scorers, seed)
-            if truth is not None:
-                found += _truth_rows(labels, mine, truth, scorers, seed)
-            found = [
-                {"model": target.name, "layer": layer, "method": method, "truth": None} | r
-                for r in found
-            ]
-            write_table(pd.DataFrame(found, columns=COLUMNS), cached, "evaluation_neurons")
-        out_rows += found
+    with Scorers(
+        simulator,
+        text_model,
+        clip_model,
+        worlds,
+        device,
+        dtype,
+        captioner=captioner,
+        captioner_worlds=captioner_worlds,
+        llm=llm,
+        cache=cache,
+    ) as scorers:
+        for method in sorted(set(methods) | (set(exemplars) if truth is not None else set())):
+            labels = methods.get(method)
+            mine = exemplars.get(method, {}) if truth is not None else {}
+            key = _digest(common, sorted((labels or {}).items()), sorted(mine.items()))
+            cached = folder / f"{method}-{key}.parquet"
+            if cached.is_file():
+                found = pd.read_parquet(cached).to_dict("records")
+                reused.append(method)
+            else:
+                found = []
+                if labels is not None:
+                    found += _simulation_rows(
+                        labels,
+                        positions,
+                        activations,
+                        scorers.simulate(),
+                        scorers.probe_images(images, manifest),
+                        seed,
+                    )
+                    if names is not None:
+                        found += _class_rows(labels, names, scorers, seed)
+                if truth is not None:
+                    found += _truth_rows(labels, mine, truth, scorers, seed)
+                found = [
+                    {"model": target.name, "layer": layer, "method": method, "truth": None} | r
+                    for r in found
+                ]
+                write_table(pd.DataFrame(found, columns=COLUMNS), cached, "evaluation_neurons")
+            out_rows += found
+        scorers.log_llm()
     frame = pd.DataFrame(out_rows, columns=COLUMNS)
     write_table(frame, out, "evaluation_neurons")
     log.info(
