@@ -28,7 +28,7 @@ demo: install
 	snakemake --profile profiles/local --configfile config/demo.yaml
 	@echo
 	@echo "Done. The description table: results/demo/descriptions.parquet (and .csv), with"
-	@echo "each method's details in results/demo/descriptions/{dnd,clipdissect}.parquet;"
+	@echo "each method's details in results/demo/descriptions/{dnd,clipdissect,tellme}.parquet;"
 	@echo "the evaluation: results/demo/evaluation/ (neurons.parquet, summary.csv); the probe"
 	@echo "manifest: results/demo/probe/manifest.parquet; logs: results/demo/logs/."
 	@echo "Every method on the held-out images, against its shuffled labels and the world's truth:"

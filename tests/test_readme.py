@@ -53,6 +53,7 @@ def test_each_section_row_names_every_key_of_its_section() -> None:
         "dnd": _properties(SCHEMA["properties"]["dnd"]),
         "evaluation": _properties(SCHEMA["properties"]["evaluation"]),
         "clipdissect": _properties(SCHEMA["properties"]["clipdissect"]),
+        "tellme": _properties(SCHEMA["properties"]["tellme"]),
     }
     for name, keys in sections.items():
         missing = set(keys) - _named(table[name])
@@ -60,6 +61,9 @@ def test_each_section_row_names_every_key_of_its_section() -> None:
     dnd = sections["dnd"]
     for nested in (dnd["synthesizer"], dnd["scoring"], dnd["scoring"]["properties"]["similarity"]):
         assert set(_properties(nested)) <= _named(table["dnd"])
+    tellme = sections["tellme"]
+    for nested in (tellme["simulator"], tellme["weights"]):
+        assert set(_properties(nested)) <= _named(table["tellme"])
     resources = _properties(SCHEMA["properties"]["resources"])
     stage_keys = set(_properties(next(iter(resources.values()))))
     assert set(resources) | stage_keys <= _named(table["resources.<stage>"])

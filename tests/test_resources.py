@@ -46,6 +46,7 @@ def test_no_gpu_on_a_cpu_run_or_for_backends_without_a_model() -> None:
         llm={"backend": "local"},
         dnd={"synthesizer": {"backend": "diffusers"}},
         clipdissect={"backend": "clip"},
+        tellme={"simulator": {"backend": "llm"}},
     )
     models["probe"]["datasets"] = [{"name": "photos", "type": "folder", "path": str(REPO)}]
     models["resources"]["synthesis"]["gpus"] = 2

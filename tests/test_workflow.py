@@ -27,7 +27,12 @@ def _config(tmp_path: Path, **changes: object) -> Path:
     cfg["shard_size"] = 25
     cfg["chunk_size"] = 16
     cfg["top_k"] = 5
-    cfg["targets"][0]["layers"] = ["conv2", {"name": "fc", "neurons": "all"}]
+    # conv3 (a few channels): pooled into fc, so TeLLMe explains it from its weights too
+    cfg["targets"][0]["layers"] = [
+        "conv2",
+        {"name": "conv3", "neurons": "0-7"},
+        {"name": "fc", "neurons": "all"},
+    ]
     cfg.update(changes)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -65,23 +70,29 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "train_demo_target": 1,
         "probe_manifest": 1,
         "activations": 3,  # 60 images / 25 per shard
-        "merge_activations": 2,  # conv2, fc
-        "exemplars": 3,  # conv2: 32 neurons in chunks of 16; fc: 7 neurons
-        "captions": 3,
-        "concepts": 3,
-        "synthesis": 3,
-        "scores": 3,
-        "clipdissect": 2,  # one job per layer
+        "merge_activations": 3,  # conv2, conv3, fc
+        "exemplars": 4,  # conv2: 32 neurons in chunks of 16; conv3: 8; fc: 7 neurons
+        "captions": 4,
+        "concepts": 4,
+        "synthesis": 4,
+        "scores": 4,
+        "clipdissect": 3,  # one job per layer
+        "tellme_captions": 4,
+        "tellme_weights": 3,  # one per layer (empty but for conv3)
+        "tellme": 4,
         "describe": 1,
-        "evaluate_layer": 2,
+        "evaluate_layer": 3,
         "evaluation_summary": 1,
         "all": 1,
     }
     assert not (workdir / "results" / "demo" / "probe").exists(), "a dry run wrote outputs"
     proc = run_snakemake(workdir, config, env=env)
     # the end of the run says how many neurons were described, and that none failed
-    assert "dnd: 39 of 39 neurons described" in proc.stdout + proc.stderr
-    assert "clipdissect: 39 of 39 neurons described" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "dnd: 47 of 47 neurons described" in out
+    assert "clipdissect: 47 of 47 neurons described" in out
+    assert "tellme-activations: 47 of 47 neurons described" in out
+    assert re.search(r"tellme-weights: \d of 8 neurons described", out)
     return workdir, config
 
 
@@ -91,9 +102,16 @@ def test_full_run_writes_the_table(finished: tuple[Path, Path]) -> None:
     table = pd.read_parquet(results / "descriptions.parquet")
     manifest = pd.read_parquet(results / "probe" / "manifest.parquet")
     assert len(manifest) == 60
-    assert len(table) == 3 * (32 + 7)
-    assert set(table["method"]) == {"topk", "dnd", "clipdissect"}
-    for method in ("topk", "dnd", "clipdissect"):
+    # every method on every neuron; TeLLMe's weight-based variant on conv3 only
+    assert len(table) == 4 * (32 + 8 + 7) + 8
+    assert set(table["method"]) == {
+        "topk",
+        "dnd",
+        "clipdissect",
+        "tellme-activations",
+        "tellme-weights",
+    }
+    for method in ("topk", "dnd", "clipdissect", "tellme-activations"):
         fc = table[(table.layer == "fc") & (table.method == method)]
         assert sorted(fc["neuron"]) == list(range(7))
     dnd = table[table.method == "dnd"]
@@ -151,7 +169,13 @@ def test_every_method_is_scored_on_the_held_out_images(finished: tuple[Path, Pat
     split = pd.read_parquet(results / "evaluation" / "split.parquet")
     assert set(split.loc[split["heldout"], "image_id"]) == held and len(split) == 60
     summary = pd.read_parquet(results / "evaluation" / "summary.parquet")
-    assert set(summary["method"]) == {"topk", "dnd", "clipdissect"}
+    assert set(summary["method"]) == {
+        "topk",
+        "dnd",
+        "clipdissect",
+        "tellme-activations",
+        "tellme-weights",
+    }
     # topk gives no labels: its exemplars alone are judged, against the world's truth
     assert set(summary[summary["method"] == "topk"]["metric"]) == {"exemplar_precision"}
     assert (results / "evaluation" / "summary.csv").exists()
@@ -217,6 +241,42 @@ def test_the_workflow_trains_the_demo_target_to_the_accuracy_target(
     assert len(hidden) == 32 and hidden["truth"].str.contains(":").all()
 
 
+def test_tellme_explains_from_captions_and_from_weights(finished: tuple[Path, Path]) -> None:
+    results = finished[0] / "results" / "demo"
+    table = pd.read_parquet(results / "descriptions.parquet")
+    details = pd.read_parquet(results / "descriptions" / "tellme.parquet")
+    assert len(details) == 47 + 8 and set(details["variant"]) == {"activations", "weights"}
+    activations = table[table.method == "tellme-activations"]
+    assert (activations["status"] == "ok").all() and activations["label"].notna().all()
+    assert json.loads(activations["models"].iloc[0])["simulator"] == "annotations"
+    # scored on held-out images only, chosen on one part and reported on the other
+    with h5py.File(results / "activations" / "shapenet" / "conv3.h5", "r") as h5:
+        held = set(h5["image_ids"][:][h5["heldout"][:]].astype(str))
+    shown = pd.read_parquet(results / "tellme_captions" / "shapenet" / "conv3" / "0000.parquet")
+    assert not held & set(shown.loc[shown["part"] == "explain", "image_id"])
+    assert set(shown.loc[shown["part"] != "explain", "image_id"]) <= held
+    # from weights: each conv3 channel is named by a class its weights to fc favour
+    weights = pd.read_parquet(results / "tellme_weights" / "shapenet" / "conv3.parquet")
+    by_neuron = weights.set_index("neuron")
+    named = table[(table.method == "tellme-weights") & (table.status == "ok")]
+    assert len(named) >= 6
+    for _, row in named.iterrows():
+        classes = dict(
+            zip(
+                by_neuron.loc[row.neuron, "classes"],
+                by_neuron.loc[row.neuron, "weights"],
+                strict=True,
+            )
+        )
+        assert classes[row.label] == max(classes.values()), (row.neuron, row.label, classes)
+    failed = table[(table.method == "tellme-weights") & (table.status == "failed")]
+    assert failed["error"].str.contains("votes against").all()
+    # the output neurons' class is named, far above the shuffled control
+    summary = pd.read_parquet(results / "evaluation" / "summary.parquet")
+    fc = summary[(summary.method == "tellme-activations") & (summary.metric == "class_named")]
+    assert fc["mean"].iloc[0] >= 6 / 7 and fc["difference"].iloc[0] > 0.5
+
+
 def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
     finished: tuple[Path, Path], job_env: dict[str, str]
 ) -> None:
@@ -239,7 +299,7 @@ def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
         "synthesis": 1,
         "scores": 1,
         "describe": 1,
-        "evaluate_layer": 2,  # each reads the rewritten table; unchanged labels come from its cache
+        "evaluate_layer": 3,  # each reads the rewritten table; unchanged labels come from its cache
         "evaluation_summary": 1,
         "all": 1,
     }
@@ -262,7 +322,7 @@ def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
     shard.unlink()
     dry = run_snakemake(workdir, config, "-n", env=job_env)
     counts = _job_counts(dry.stdout + dry.stderr)
-    assert counts["activations"] == 1 and counts["merge_activations"] == 2
+    assert counts["activations"] == 1 and counts["merge_activations"] == 3
     kept.rename(shard)  # as it was (same bytes and time): the tests below start from a whole run
 
 
@@ -277,9 +337,9 @@ def test_a_changed_setting_reruns_the_jobs_it_changes_and_no_others(
     changed.write_text(yaml.safe_dump(cfg | {"dnd": cfg["dnd"] | {"scoring": scoring}}))
     dry = run_snakemake(workdir, changed, "-n", env=job_env)
     assert _job_counts(dry.stdout + dry.stderr) == {
-        "scores": 3,
+        "scores": 4,
         "describe": 1,
-        "evaluate_layer": 2,
+        "evaluate_layer": 3,
         "evaluation_summary": 1,
         "all": 1,
     }
@@ -300,32 +360,39 @@ def test_plan_prints_a_summary_and_writes_plan_json(
     assert re.search(r"conv2\s+32 of\s+32\s+in 2 chunk\(s\) of ≤16", proc.stdout)
     assert re.search(r"activations\s+3", proc.stdout)
     plan = json.loads((workdir / "results" / "demo" / "plan.json").read_text())
-    assert plan["neurons"] == 39 and plan["probe"]["files"] == 60 and plan["probe"]["shards"] == 3
+    assert plan["neurons"] == 47 and plan["probe"]["files"] == 60 and plan["probe"]["shards"] == 3
     assert plan["jobs"] == {
         "render_demo_probe": 1,
         "train_demo_target": 1,
         "probe_manifest": 1,
         "activations": 3,
-        "merge_activations": 2,
-        "exemplars": 3,
-        "captions": 3,
-        "concepts": 3,
-        "synthesis": 3,
-        "scores": 3,
-        "clipdissect": 2,
+        "merge_activations": 3,
+        "exemplars": 4,
+        "captions": 4,
+        "concepts": 4,
+        "synthesis": 4,
+        "scores": 4,
+        "clipdissect": 3,
+        "tellme_captions": 4,
+        "tellme_weights": 3,
+        "tellme": 4,
         "describe": 1,
-        "evaluate_layer": 2,
+        "evaluate_layer": 3,
         "evaluation_summary": 1,
     }
     split = plan["split"]
     assert split["exact"] and split["images"] == 60 and 0 < split["heldout"] < 30
     assert f"{split['heldout']} of 60 probe images held out (20%" in proc.stdout
     observed = plan["estimates"]["dnd"]["synthesis"]["observed"]
-    assert observed["neurons"] == 39 and observed["distinct_prompts"] <= observed["candidates"]
+    assert observed["neurons"] == 47 and observed["distinct_prompts"] <= observed["candidates"]
     assert observed["images"] == observed["distinct_prompts"] * 10
-    assert plan["estimates"]["dnd"]["exemplars_to_caption"] == 39 * 5
+    assert plan["estimates"]["dnd"]["exemplars_to_caption"] == 47 * 5
     assert plan["estimates"]["dnd"]["llm"]["requests"] == 0  # backend none
-    assert "exemplars to caption: ≤195 images and crops" in proc.stdout
+    assert "exemplars to caption: ≤235 images and crops" in proc.stdout
+    tellme = plan["estimates"]["tellme"]
+    assert tellme["llm"]["requests"] == 0 and tellme["images_to_caption"] <= 60
+    assert plan["layers"]["shapenet"]["conv3"]["tellme"]["variants"] == ["activations", "weights"]
+    assert "images to caption: ≤" in proc.stdout
 
 
 def test_wrong_layer_fails_the_dry_run_listing_valid_names(

@@ -148,7 +148,7 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
         raise ConfigError(
             f"the probe set is empty: no files in {names}; check probe.datasets paths"
         )
-    return Layout(
+    layout = Layout(
         run=run_name(config),
         results=results,
         paths=paths,
@@ -163,3 +163,9 @@ def build_layout(config: dict[str, Any], results_root: str | Path = "results") -
         output_layers=output_layers,
         spatial_layers=spatial_layers,
     )
+    from neuroscribe import methods
+
+    for method in methods.enabled(config):
+        if method.check_layout is not None:
+            method.check_layout(layout, config)
+    return layout

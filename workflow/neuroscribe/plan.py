@@ -80,7 +80,7 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
             "shards": layout.n_shards,
             "shard_size": config["shard_size"],
         },
-        "split": split_sizes(layout, evaluation),
+        "split": split_sizes(layout, methods.holdout(config)),
         "targets": {name: t.spec for name, t in layout.targets.items()},
         "layers": layers,
         "neurons": n_neurons,
@@ -92,10 +92,10 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def split_sizes(layout: Layout, evaluation: dict[str, Any]) -> dict[str, Any] | None:
-    """The held-out split's sizes (None with evaluation off): exact once the manifest exists,
-    else the expected share of the probe files."""
-    if not evaluation["enabled"]:
+def split_sizes(layout: Layout, holdout: float) -> dict[str, Any] | None:
+    """The held-out split's sizes (None when nothing is held out): exact once the manifest
+    exists, else the expected share of the probe files."""
+    if not holdout:
         return None
     import pandas as pd
 
@@ -104,13 +104,13 @@ def split_sizes(layout: Layout, evaluation: dict[str, Any]) -> dict[str, Any] | 
     manifest = Path(layout.paths.manifest)
     if manifest.is_file():
         ids = pd.read_parquet(manifest, columns=["image_id"])["image_id"]
-        held, exact = int(heldout_mask(ids, evaluation["holdout"]).sum()), True
+        held, exact = int(heldout_mask(ids, holdout).sum()), True
         total = len(ids)
     else:
         total = layout.n_candidates
-        held, exact = round(total * evaluation["holdout"]), False
+        held, exact = round(total * holdout), False
     return {
-        "holdout": evaluation["holdout"],
+        "holdout": holdout,
         "images": total,
         "heldout": held,
         "seen_by_methods": total - held,

@@ -162,15 +162,15 @@ def layer_files(model):
 
 
 def holdout():
-    """The share of probe images held out from every method (0 with evaluation off)."""
-    evaluation = config["evaluation"]
-    return evaluation["holdout"] if evaluation["enabled"] else 0.0
+    """The share of probe images held out from every method (0 with evaluation off, unless a
+    method scores on held-out images)."""
+    return methods.holdout(config)
 
 
 def evaluation_outputs():
     """The held-out evaluation of every method, when it is on (on demo worlds it includes the
     world's ground truth)."""
-    if not holdout():
+    if not config["evaluation"]["enabled"]:
         return []
     return [
         PATHS.evaluation_split(),

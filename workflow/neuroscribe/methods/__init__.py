@@ -31,6 +31,7 @@ BUILTIN = {
     "topk": "neuroscribe.methods.topk:METHOD",
     "dnd": "neuroscribe.methods.dnd:METHOD",
     "clipdissect": "neuroscribe.methods.clipdissect:METHOD",
+    "tellme": "neuroscribe.methods.tellme:METHOD",
 }
 KEY = ["model", "layer", "neuron"]
 
@@ -109,6 +110,12 @@ class Method:
     models: Callable[[dict[str, Any]], list[Any]] | None = None
     # keys of older configs that now live in its section: {"llm.candidates": "dnd.candidates"}
     moved_keys: dict[str, str] = field(default_factory=dict)
+    # checks that need the models' layers (parse time, after the layers are known):
+    # (layout, config) -> None, raises ConfigError
+    check_layout: Callable[[Layout, dict[str, Any]], None] | None = None
+    # it scores on held-out probe images: the merge holds `evaluation.holdout` of them out even
+    # with evaluation off
+    needs_holdout: bool = False
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -167,6 +174,14 @@ def get(name: str) -> Method:
 def enabled(config: dict[str, Any]) -> list[Method]:
     """The config's methods, in its order."""
     return [get(name) for name in config["methods"]]
+
+
+def holdout(config: dict[str, Any]) -> float:
+    """The share of probe images held out from every method: `evaluation.holdout` with
+    evaluation on or an enabled method that scores on held-out images, else 0."""
+    evaluation = config["evaluation"]
+    needed = evaluation["enabled"] or any(m.needs_holdout for m in enabled(config))
+    return evaluation["holdout"] if needed else 0.0
 
 
 def all_stages(config: dict[str, Any]) -> dict[str, Stage]:
