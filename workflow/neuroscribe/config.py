@@ -234,6 +234,18 @@ class Derived:
         return section | {"model": self.llm_model}
 
 
+# role settings that change how fast a job runs or how often it retries, never what it writes:
+# a stage's settings leave them out, so changing them reruns nothing
+PERFORMANCE_KEYS = frozenset(
+    {"batch_size", "max_concurrency", "max_attempts", "timeout_s", "run_on"}
+)
+
+
+def result_settings_of(section: dict[str, Any]) -> dict[str, Any]:
+    """A role's config section without its performance settings (`PERFORMANCE_KEYS`)."""
+    return {k: v for k, v in section.items() if k not in PERFORMANCE_KEYS}
+
+
 def derive(config: dict[str, Any]) -> Derived:
     llm = config["llm"]
     defaults = _base_schema()["properties"]["llm"]["properties"]["model"]["x-backend-defaults"]

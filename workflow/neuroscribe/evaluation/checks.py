@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from neuroscribe.config import ConfigError
+from neuroscribe.config import ConfigError, result_settings_of
 from neuroscribe.evaluation.classes import check_class_files
 from neuroscribe.evaluation.external import check_external
 
@@ -41,18 +41,9 @@ def check_evaluation(
     check_external(config)
 
 
-# settings of the llm and captioner sections that change how fast, not what (left out of what
-# the llm simulator's scores depend on, as the methods leave them out of their stages' settings)
-PERFORMANCE_KEYS = {"batch_size", "max_concurrency", "max_attempts", "timeout_s", "run_on"}
-
-
 def llm_settings(captioner: dict[str, Any], llm: dict[str, Any]) -> dict[str, Any]:
     """What the llm simulator's scores depend on in the `captioner` and `llm` sections."""
-
-    def results_of(section: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in section.items() if k not in PERFORMANCE_KEYS}
-
-    return {"captioner": results_of(captioner), "llm": results_of(llm)}
+    return {"captioner": result_settings_of(captioner), "llm": result_settings_of(llm)}
 
 
 def layer_job_settings(config: dict[str, Any], llm: dict[str, Any]) -> dict[str, Any]:

@@ -12,21 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from neuroscribe.config import ConfigError, check_model_folders, derive
+from neuroscribe.config import ConfigError, check_model_folders, derive, result_settings_of
 from neuroscribe.methods import Method, Stage
 from neuroscribe.methods.dnd import plan, prompts, table
 
 WORKFLOW = Path(__file__).resolve().parents[3]  # workflow/: its rules and schemas
 STAGES = "neuroscribe.methods.dnd.stages"
-# settings that are not results (how fast, how often retried): changing them reruns nothing
-PERFORMANCE_KEYS = {"batch_size", "max_concurrency", "max_attempts", "timeout_s", "run_on"}
 # before methods had sections, these were keys of `llm`
 LLM_KEYS = ("candidates", "prompt_mode", "neurons_per_request", "temperature", "max_tokens")
 PROPOSAL_KEYS = (*LLM_KEYS, "prompts", "max_words", "background_variants")
-
-
-def _results_of(section: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in section.items() if k not in PERFORMANCE_KEYS}
 
 
 def proposal(config: dict[str, Any]) -> dict[str, Any]:
@@ -37,16 +31,16 @@ def proposal(config: dict[str, Any]) -> dict[str, Any]:
 def settings(stage: str, config: dict[str, Any]) -> Any:
     """What in the config changes what a stage writes (a change reruns the stage)."""
     if stage == "captions":
-        return {"captioner": _results_of(config["captioner"])}
+        return {"captioner": result_settings_of(config["captioner"])}
     if stage == "concepts":
-        llm = _results_of(derive(config).llm(config))
+        llm = result_settings_of(derive(config).llm(config))
         found = {"llm": llm, "proposal": proposal(config)}
         if config["dnd"]["prompt_mode"] == "reference":
             # an edited prompt file reruns the stage (its path alone would not)
             found["prompt_file"] = prompts.file_digest(config["dnd"]["prompts"])
         return found
     if stage == "synthesis":
-        return {"synthesizer": _results_of(config["dnd"]["synthesizer"])}
+        return {"synthesizer": result_settings_of(config["dnd"]["synthesizer"])}
     if stage == "scores":
         return {"scoring": config["dnd"]["scoring"], "top_k": config["top_k"]}
     raise KeyError(stage)

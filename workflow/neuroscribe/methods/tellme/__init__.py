@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuroscribe.config import ConfigError, check_model_folders, derive
+from neuroscribe.config import ConfigError, check_model_folders, derive, result_settings_of
 from neuroscribe.methods import Method, Stage
 from neuroscribe.methods.tellme import plan, prompts, table
 
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 
 WORKFLOW = Path(__file__).resolve().parents[3]  # workflow/: its rules and schemas
 STAGES = "neuroscribe.methods.tellme.stages"
-# settings that are not results (how fast, how often retried): changing them reruns nothing
-PERFORMANCE_KEYS = {"batch_size", "max_concurrency", "max_attempts", "timeout_s", "run_on"}
 SET_KEYS = (
     "explain_top",
     "explain_random",
@@ -46,10 +44,6 @@ EXPLAIN_KEYS = (
     "temperature",
     "max_tokens",
 )
-
-
-def _results_of(section: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in section.items() if k not in PERFORMANCE_KEYS}
 
 
 def sets(config: dict[str, Any]) -> dict[str, Any]:
@@ -73,13 +67,13 @@ def weight_sets(config: dict[str, Any]) -> dict[str, Any]:
 def settings(stage: str, config: dict[str, Any]) -> Any:
     """What in the config changes what a stage writes (a change reruns the stage)."""
     if stage == "tellme_captions":
-        return {"captioner": _results_of(config["captioner"]), "sets": sets(config)}
+        return {"captioner": result_settings_of(config["captioner"]), "sets": sets(config)}
     if stage == "tellme_weights":
         weights = config["tellme"]["weights"]
         return {"layers": weights["layers"], "path": weights["path"]}
     if stage == "tellme":
         found = {
-            "llm": _results_of(derive(config).llm(config)),
+            "llm": result_settings_of(derive(config).llm(config)),
             "explain": explaining(config),
             "weight_sets": weight_sets(config),
             "simulator": config["tellme"]["simulator"],
