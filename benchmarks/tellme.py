@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=128)
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--prompt-mode", default="compact", choices=["compact", "reference"])
+    parser.add_argument("--neurons-per-request", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     n = args.neurons
@@ -173,6 +174,7 @@ def main() -> None:
             explain = {
                 "candidates": args.candidates,
                 "candidates_via": "n",
+                "neurons_per_request": args.neurons_per_request,
                 "prompt_mode": args.prompt_mode,
                 "prompts": None,
                 "temperature": 1.0,

@@ -379,8 +379,10 @@ def tellme_responder(body: dict[str, Any]) -> Behaviour:
 
     A simulator request (its listing is `number<TAB>text` lines after "What the neuron responds
     to: EXPLANATION") gets `number<TAB>value` lines: 10 where the item's text holds a word of the
-    explanation, else 0. An explainer request (`text<TAB>value` lines) gets its n choices: the
-    words of its highest-valued lines, most frequent first, one word more per choice.
+    explanation, else 0. An explainer request (`text<TAB>value` lines) gets its n choices (or
+    the k of a JSON list): the words of its highest-valued lines, most frequent first, one word
+    more per choice; a request about several neurons (`Neuron N: ...` blocks) gets the JSON
+    object it asks for, with k explanations per neuron.
     """
     from neuroscribe.words import STOPWORDS, words
 
@@ -392,7 +394,31 @@ def tellme_responder(body: dict[str, Any]) -> Behaviour:
             f"{k}\t{10 if wanted & set(words(text)) else 0}" for k, text in _LISTED.findall(prompt)
         ]
         return Reply("\n".join(lines))
-    listed = [(text, int(value)) for text, value in _VALUED.findall(prompt)]
+    blocks = _BATCHED.findall(prompt)
+    if blocks:  # several neurons: a JSON object with each one's explanations
+        k = int(re.search(r"give (\d+) different", prompt).group(1))
+        neurons = [
+            {"neuron": int(n), "explanations": _explanations(_VALUED.findall(listing), k)}
+            for n, listing in blocks
+        ]
+        return Reply(json.dumps({"neurons": neurons}))
+    asked = re.search(r"Give (\d+) different explanations", prompt)
+    n = int(asked.group(1)) if asked else int(body.get("n") or 1)
+    texts = tuple(_explanations(_VALUED.findall(prompt), n))
+    if body.get("response_format"):
+        return Reply(json.dumps({"explanations": list(texts)}))
+    return Reply(texts[0], texts=texts)
+
+
+_BATCHED = re.compile(r"^Neuron (\d+): [^\n]*\n((?:[^\n]*\t\d+(?:\n|$))+)", re.MULTILINE)
+
+
+def _explanations(valued: list[tuple[str, str]], n: int) -> list[str]:
+    """n distinct explanations of a listing: the words of its highest-valued lines, most
+    frequent first, one word more per explanation."""
+    from neuroscribe.words import STOPWORDS, words
+
+    listed = [(text, int(value)) for text, value in valued]
     top = max((v for _, v in listed), default=0)
     counts: dict[str, int] = {}
     for text, value in listed:
@@ -401,12 +427,7 @@ def tellme_responder(body: dict[str, Any]) -> Behaviour:
                 if w not in STOPWORDS:
                     counts[w] = counts.get(w, 0) + 1
     ranked = sorted(counts, key=lambda w: (-counts[w], w)) or ["nothing"]
-    asked = re.search(r"Give (\d+) different explanations", prompt)
-    n = int(asked.group(1)) if asked else int(body.get("n") or 1)
     # n distinct choices, however few words there are
-    texts = tuple(
+    return [
         " ".join(ranked[: i + 1]) if i < len(ranked) else f"{ranked[0]} ({i + 1})" for i in range(n)
-    )
-    if body.get("response_format"):
-        return Reply(json.dumps({"explanations": list(texts)}))
-    return Reply(texts[0], texts=texts)
+    ]

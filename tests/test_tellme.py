@@ -205,6 +205,7 @@ def test_weights_stage_lists_each_channels_weights_to_the_classes(tmp_path):
 EXPLAIN = {
     "candidates": 3,
     "candidates_via": "n",
+    "neurons_per_request": 1,
     "prompt_mode": "reference",
     "prompts": None,
     "temperature": 1.0,
@@ -393,3 +394,45 @@ def test_an_llm_simulator_needs_an_llm(tmp_path):
     cfg["llm"] = {"backend": "openai", "api_key_env": None}
     with pytest.raises(ConfigError, match=r"tellme\.temperature"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("per_request", [4, 8])
+def test_several_neurons_per_explainer_request(tmp_path, monkeypatch, per_request):
+    from fake_openai import fake_openai, tellme_responder
+
+    from neuroscribe.methods.tellme.stages import explain_chunk
+
+    captions, manifest, weights = _captions(tmp_path)
+    with fake_openai(default=tellme_responder) as server:
+        llm = {
+            "backend": "openai",
+            "model": "fake-model",
+            "base_url": server.base_url,
+            "api_key_env": None,
+            "seed": 0,
+            "max_concurrency": 4,
+            "max_attempts": 2,
+            "timeout_s": 5,
+        }
+        explain_chunk(
+            captions=captions,
+            weights=weights,
+            manifest=manifest,
+            out=tmp_path / "a.parquet",
+            llm=llm,
+            explain=EXPLAIN | {"neurons_per_request": per_request, "prompt_mode": "compact"},
+            weight_sets=WEIGHT_SETS,
+            simulator={"backend": "llm", "model": "unused", "logprobs": True},
+            worlds=[],
+            cache=tmp_path / "cache",
+        )
+        explainers = [b for b in server.requests if b.get("response_format")]
+    table = pd.read_parquet(tmp_path / "a.parquet")
+    # 4 neurons x 2 variants, one request per variant (a request covers one variant's neurons)
+    assert len(explainers) == 2 and (table["status"] == "ok").all()
+    assert (table["candidates"].map(len) == 3).all()
+    by_variant = table.groupby("variant")["llm_requests"].sum()
+    assert by_variant.to_dict() == {"activations": 1, "weights": 1}  # on each group's first
+    assert (
+        table.set_index(["variant", "neuron"]).loc[("activations", 2), "label"].startswith("blue")
+    )

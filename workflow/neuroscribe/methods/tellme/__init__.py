@@ -39,6 +39,7 @@ SET_KEYS = (
 EXPLAIN_KEYS = (
     "candidates",
     "candidates_via",
+    "neurons_per_request",
     "prompt_mode",
     "prompts",
     "temperature",

@@ -129,7 +129,69 @@ class LlmExplainer:
         out.candidates = distinct([clean_explanation(t) for t in texts], self.k)
         if not out.candidates:
             out.error = "the explainer's replies held no explanation"
+            # kept for audit, but a later run asks again instead of reading it back
+            self.client.reject(request, out.error)
         return out
+
+    def explain_group(
+        self, source: str, neurons: Sequence[tuple[int, Sequence[Item]]]
+    ) -> list[Explained]:
+        """Each neuron's candidates: one request per neuron, or for several neurons one request
+        asking for a JSON object with every neuron's k explanations (the prompt file's
+        `batched` texts); the request's usage is counted on its first neuron."""
+        if len(neurons) == 1:
+            return [self.explain(source, *neurons[0])]
+        prompt = self.prompts.batched.get(source)
+        if prompt is None:
+            raise ValueError(
+                f"prompt file {self.prompts.path} has no `batched` texts, which "
+                "tellme.neurons_per_request > 1 needs"
+            )
+        wanted = [n for n, _ in neurons]
+        listings = [(n, [(i.text, i.value) for i in items]) for n, items in neurons]
+        request = ChatRequest(
+            model=self.model,
+            messages=tuple(prompt.messages(listings, self.k)),
+            temperature=self.temperature,
+            max_tokens=self.max_tokens * self.k * len(neurons),
+            seed=self.seed,
+            response_format="json",
+        )
+        outs = [Explained([]) for _ in neurons]
+        try:
+            answer = self.client.chat_json(request, lambda value: _per_neuron(value, wanted))
+        except LLMError as err:
+            for reply in getattr(err, "chats", []):
+                outs[0].count(reply)
+            for out in outs:
+                out.raw_replies = list(getattr(err, "replies", []))
+                out.error = self.client.redact(str(err))
+            return outs
+        for reply in answer.replies:
+            outs[0].count(reply)
+        for out, n in zip(outs, wanted, strict=True):
+            out.raw_replies = [r.text for r in answer.replies]
+            out.candidates = distinct([clean_explanation(t) for t in answer.value[n]], self.k)
+            if not out.candidates:
+                out.error = "the explainer's reply held no explanation for this neuron"
+        return outs
+
+
+def _per_neuron(value: Any, wanted: Sequence[int]) -> dict[int, list[str]]:
+    """A batched reply's explanations by neuron; every asked neuron must be there."""
+    entries = value.get("neurons") if isinstance(value, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError('expected {"neurons": [{"neuron": N, "explanations": [...]}, ...]}')
+    found: dict[int, list[str]] = {}
+    for entry in entries:
+        explanations = entry.get("explanations") if isinstance(entry, dict) else None
+        if not isinstance(explanations, list) or not all(isinstance(x, str) for x in explanations):
+            raise ValueError("each neuron needs an `explanations` list of strings")
+        found.setdefault(int(entry["neuron"]), explanations)
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        raise ValueError(f"the reply has no explanations for neurons {missing}")
+    return found
 
 
 @dataclass(frozen=True)
@@ -142,6 +204,11 @@ class FrequencyExplainer:
     @property
     def id(self) -> str:
         return f"none:tellme-frequency-{self.max_words}"
+
+    def explain_group(
+        self, source: str, neurons: Sequence[tuple[int, Sequence[Item]]]
+    ) -> list[Explained]:
+        return [self.explain(source, n, items) for n, items in neurons]
 
     def explain(self, source: str, neuron: int, items: Sequence[Item]) -> Explained:
         ranked = self.phrases(items) if source == "activations" else self.shared_words(items)

@@ -20,12 +20,17 @@ EXPLANATION_TOKENS = 20
 LINE_TOKENS = 4
 
 
-def requests_per_neuron(config: dict[str, Any]) -> int:
-    """One explainer request, then one simulation per candidate (0 without an LLM)."""
+def requests(config: dict[str, Any], chunk_sizes: list[int]) -> int:
+    """One variant's requests for chunks of these sizes: an explainer request per neuron (or per
+    group of `neurons_per_request` in a chunk), then one simulation per candidate (none of
+    either without an LLM)."""
     tellme = config["tellme"]
-    explain = int(config["llm"]["backend"] != "none")
+    per = tellme["neurons_per_request"]
+    explain = (
+        sum(-(-size // per) for size in chunk_sizes) if config["llm"]["backend"] != "none" else 0
+    )
     simulate = tellme["candidates"] if tellme["simulator"]["backend"] == "llm" else 0
-    return explain + simulate
+    return explain + simulate * sum(chunk_sizes)
 
 
 def tokens_per_neuron(config: dict[str, Any], variant: str) -> dict[str, int]:
@@ -42,7 +47,8 @@ def tokens_per_neuron(config: dict[str, Any], variant: str) -> dict[str, int]:
         shown, scored, item = weights["explain_classes"], weights["score_classes"], CLASS_TOKENS
     prompt = completion = 0
     if config["llm"]["backend"] != "none":
-        few_shot = FEW_SHOT_TOKENS if tellme["prompt_mode"] == "reference" else 0
+        batched = tellme["neurons_per_request"] > 1  # no few-shot neurons, one system text
+        few_shot = FEW_SHOT_TOKENS if tellme["prompt_mode"] == "reference" and not batched else 0
         prompt += SYSTEM_TOKENS + few_shot + shown * (item + 2)
         completion += k * EXPLANATION_TOKENS
     if tellme["simulator"]["backend"] == "llm":
@@ -60,15 +66,15 @@ def estimate(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
     with_weights = weight_layers(layout, config)
     per_image = tellme["explain_top"] + round(tellme["score_items"] * tellme["score_top_fraction"])
     shared = tellme["explain_random"] + tellme["score_items"]
-    requests = requests_per_neuron(config)
     layers, totals = {}, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
     images = 0
     for (model, layer), chunks in layout.chunks.items():
-        neurons = sum(len(c.neurons) for c in chunks)
+        sizes = [len(c.neurons) for c in chunks]
+        neurons = sum(sizes)
         variants = ["activations"] + (["weights"] if (model, layer) in with_weights else [])
         llm = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         for variant in variants:
-            llm["requests"] += neurons * requests
+            llm["requests"] += requests(config, sizes)
             for key, value in tokens_per_neuron(config, variant).items():
                 llm[key] += neurons * value
         captioned = min(neurons * per_image + shared, layout.n_image_files)
@@ -84,7 +90,8 @@ def estimate(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
             "model": derive(config).llm_model,
             "prompt_mode": tellme["prompt_mode"],
             "simulator": tellme["simulator"]["backend"],
-            "requests_per_neuron": requests,
+            "neurons_per_request": tellme["neurons_per_request"],
+            "candidates": tellme["candidates"],
         },
     }
     return {"estimates": estimates, "layers": layers}
@@ -104,8 +111,14 @@ def format_estimates(estimates: dict[str, Any]) -> list[str]:
     else:
         lines.append(
             f"  LLM ({llm['backend']}, {llm['model']}, {llm['prompt_mode']}, simulator "
-            f"{llm['simulator']}): ≤{llm['requests']} requests ({llm['requests_per_neuron']} per "
-            f"neuron and variant), ~{llm['prompt_tokens']} prompt + "
+            f"{llm['simulator']}): ≤{llm['requests']} requests (an explanation per "
+            + (
+                "neuron"
+                if llm["neurons_per_request"] == 1
+                else f"{llm['neurons_per_request']} neurons"
+            )
+            + f" and variant, then {llm['candidates']} simulations per neuron), "
+            f"~{llm['prompt_tokens']} prompt + "
             f"~{llm['completion_tokens']} completion tokens (before cache hits)"
         )
     return lines

@@ -55,9 +55,27 @@ class ExplainPrompt:
         return turns
 
     def render(self, neuron: int | str, items: Sequence[tuple[str, int]]) -> str:
-        ordered = sorted(items, key=lambda item: item[1])  # weakest first, stable
-        listing = "\n".join(f"{_one_line(text)}\t{int(value)}" for text, value in ordered)
+        listing = _listing(items)
         return self.template.replace("{neuron}", str(neuron)).replace("{listing}", listing)
+
+
+@dataclass(frozen=True)
+class BatchedPrompt:
+    """Several neurons in one request: a system text, a block per neuron, an instruction."""
+
+    system: str
+    neuron: str
+    instruction: str
+
+    def messages(
+        self, neurons: Sequence[tuple[int, Sequence[tuple[str, int]]]], k: int
+    ) -> list[dict[str, str]]:
+        blocks = [
+            self.neuron.replace("{neuron}", str(n)).replace("{listing}", _listing(items))
+            for n, items in neurons
+        ]
+        user = "\n\n".join([*blocks, self.instruction.replace("{k}", str(k))])
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
 
 @dataclass(frozen=True)
@@ -65,12 +83,19 @@ class PromptSet:
     path: str
     prompts: dict[tuple[str, str], ExplainPrompt]
     json: str
+    batched: dict[str, BatchedPrompt]
 
     def get(self, source: str, mode: str) -> ExplainPrompt:
         return self.prompts[(source, mode)]
 
     def json_suffix(self, k: int) -> str:
         return self.json.replace("{k}", str(k))
+
+
+def _listing(items: Sequence[tuple[str, int]]) -> str:
+    """`item<TAB>value` lines, weakest first (ties in the given order)."""
+    ordered = sorted(items, key=lambda item: item[1])
+    return "\n".join(f"{_one_line(text)}\t{int(value)}" for text, value in ordered)
 
 
 def _one_line(text: str) -> str:
@@ -116,7 +141,7 @@ def load_prompts(path: str | Path | None = None) -> PromptSet:
         raise PromptFileError(f"prompt file {file} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise PromptFileError(f"prompt file {file} must be a mapping with {list(SOURCES)}")
-    unknown = set(data) - {*SOURCES, "json"}
+    unknown = set(data) - {*SOURCES, "json", "batched"}
     if unknown:
         raise PromptFileError(f"prompt file {file} has unknown keys {sorted(unknown)}")
     prompts = {}
@@ -129,7 +154,29 @@ def load_prompts(path: str | Path | None = None) -> PromptSet:
     json_text = data.get("json")
     if not isinstance(json_text, str) or "{k}" not in json_text:
         raise PromptFileError(f"prompt file {file}: `json` must be a text holding {{k}}")
-    return PromptSet(str(file), prompts, json_text)
+    return PromptSet(str(file), prompts, json_text, _batched(file, data.get("batched")))
+
+
+def _batched(path: Path, data: Any) -> dict[str, BatchedPrompt]:
+    """The `batched` section (optional: only tellme.neurons_per_request > 1 needs it)."""
+    if data is None:
+        return {}
+    found = {}
+    for source in SOURCES:
+        entry = data.get(source) if isinstance(data, dict) else None
+        keys = ("system", "neuron", "instruction")
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in keys):
+            raise PromptFileError(
+                f"prompt file {path}: `batched.{source}` needs `system`, `neuron` and "
+                "`instruction` texts"
+            )
+        if entry["neuron"].count(LISTING) != 1 or "{k}" not in entry["instruction"]:
+            raise PromptFileError(
+                f"prompt file {path}: `batched.{source}.neuron` must hold {LISTING} once and "
+                "its `instruction` {k}"
+            )
+        found[source] = BatchedPrompt(entry["system"], entry["neuron"], entry["instruction"])
+    return found
 
 
 def file_digest(path: str | Path | None) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,9 @@ def weights_layer(
     write_table(frame, out, SCHEMAS / "tellme_weights.schema.yaml")
 
 
-def build_explainer(llm: dict[str, Any], explain: dict[str, Any], store: Any, device, dtype):
+def build_explainer(
+    llm: dict[str, Any], explain: dict[str, Any], store: DiskCache, device: str, dtype: str
+) -> Any:
     """The configured explainer: the `none` frequency explainer or the LLM one."""
     from neuroscribe.methods.tellme.explainer import FrequencyExplainer, LlmExplainer
     from neuroscribe.methods.tellme.prompts import load_prompts
@@ -274,7 +277,6 @@ def _row(
         range(len(explained.candidates)),
         key=lambda j: (validation_r[j] is None, -(validation_r[j] or 0.0), j),
     )
-    listing = getattr(simulation, "replies", None) or []
     return row | {
         "label": explained.candidates[chosen],
         "labels": [explained.candidates[j] for j in ranked[:3]],
@@ -284,47 +286,36 @@ def _row(
         "test_r": test_r,
         "chosen": chosen,
         "predicted": [_number(v) for v in predictions[chosen]],
-        "simulation_reading": _reading(simulation, chosen),
-        "simulation_missing": _count(simulation, "missing", chosen),
-        "simulation_extra": _count(simulation, "extra", chosen),
-        "simulation_replies": [r for r in listing if r is not None],
+        "simulation_reading": simulation.readings[chosen],
+        "simulation_missing": int(simulation.missing[chosen]),
+        "simulation_extra": int(simulation.extra[chosen]),
+        "simulation_replies": [r for r in simulation.replies if r is not None],
     }
 
 
-def _reading(simulation: Any, j: int) -> str | None:
-    readings = getattr(simulation, "readings", None) or []
-    return readings[j] if j < len(readings) else None
+@dataclass
+class _Task:
+    """One (neuron, variant): its items (explain set and scoring sample, `key` naming each), the
+    listing the explainer sees, and an error known before any request."""
+
+    variant: str
+    neuron: int
+    items: pd.DataFrame
+    listing: list[Item]
+    error: str | None = None
+
+    @property
+    def scored(self) -> pd.DataFrame:
+        return self.items[self.items["part"] != EXPLAIN]
 
 
-def _count(simulation: Any, name: str, j: int) -> int:
-    values = getattr(simulation, name, None) or []
-    return int(values[j]) if j < len(values) else 0
-
-
-def _activation_task(
-    neuron: int, items: pd.DataFrame, paths: pd.Series, explainer: Any, simulator: Any
-) -> dict[str, Any]:
-    from neuroscribe.backends.simulators import ProbeImage
-
+def _activation_task(neuron: int, items: pd.DataFrame) -> _Task:
     shown = items[items["part"] == EXPLAIN]
     listing = [Item(c, int(q)) for c, q in zip(shown["caption"], shown["quantised"], strict=True)]
-    explained = explainer.explain(ACTIVATIONS, neuron, listing)
-    scored = items[items["part"] != EXPLAIN]
-    simulation, error = None, None
-    if explained.error is None:
-        images = [
-            ProbeImage(i, str(paths[i]), c)
-            for i, c in zip(scored["image_id"], scored["caption"], strict=True)
-        ]
-        simulation, error = _simulate(lambda: simulator.predict(explained.candidates, images))
-    return _row(
-        neuron, ACTIVATIONS, explained, items.assign(key=items["image_id"]), simulation, error
-    )
+    return _Task(ACTIVATIONS, neuron, items.assign(key=items["image_id"]), listing)
 
 
-def _weight_task(
-    neuron: int, weights: dict[str, Any], settings: dict[str, Any], explainer: Any, simulator: Any
-) -> dict[str, Any]:
+def _weight_task(neuron: int, weights: dict[str, Any], settings: dict[str, Any]) -> _Task:
     items = class_sets(
         weights["weights"],
         weights["classes"],
@@ -335,33 +326,61 @@ def _weight_task(
         seed=settings["seed"],
     )
     shown = items[items["part"] == EXPLAIN]
+    listing = [Item(c, int(q)) for c, q in zip(shown["item"], shown["quantised"], strict=True)]
+    task = _Task(WEIGHTS, neuron, items.assign(key=items["item"]), listing)
     if not (np.asarray(weights["weights"]) > 0).any():
         # the reference would list its classes all at 0: nothing to explain, no request spent
-        failed = Explained(
-            [],
-            error="every class weight is 0 or below: the neuron only votes "
-            "against classes, so its weights name nothing it detects",
+        task.error = (
+            "every class weight is 0 or below: the neuron only votes against classes, so its "
+            "weights name nothing it detects"
         )
-        return _row(neuron, WEIGHTS, failed, items.assign(key=items["item"]), None, None)
-    listing = [Item(c, int(q)) for c, q in zip(shown["item"], shown["quantised"], strict=True)]
-    explained = explainer.explain(WEIGHTS, neuron, listing)
-    scored = items[items["part"] != EXPLAIN]
-    simulation, error = None, None
-    if explained.error is None:
-        classes = scored["item"].tolist()
-        simulation, error = _simulate(
-            lambda: simulator.predict_classes(explained.candidates, classes)
-        )
-    return _row(neuron, WEIGHTS, explained, items.assign(key=items["item"]), simulation, error)
+    return task
 
 
-def _simulate(call: Any) -> tuple[Any, str | None]:
+def _explain_all(
+    explainer: Any, tasks: list[_Task], per_request: int, pool: ThreadPoolExecutor
+) -> list[Explained]:
+    """Every task's explanations: one request per neuron, or per group of `per_request`
+    neurons of one variant; a task with a known error sends nothing."""
+    groups = []
+    for variant in (ACTIVATIONS, WEIGHTS):
+        ready = [t for t in tasks if t.variant == variant and t.error is None]
+        groups += [ready[i : i + per_request] for i in range(0, len(ready), per_request)]
+    replies = pool.map(
+        lambda group: explainer.explain_group(
+            group[0].variant, [(t.neuron, t.listing) for t in group]
+        ),
+        groups,
+    )
+    found: dict[tuple[str, int], Explained] = {}
+    for group, explained in zip(groups, replies, strict=True):
+        for task, one in zip(group, explained, strict=True):
+            found[(task.variant, task.neuron)] = one
+    return [found.get((t.variant, t.neuron)) or Explained([], error=t.error) for t in tasks]
+
+
+def _score(task: _Task, explained: Explained, paths: pd.Series, simulator: Any) -> dict[str, Any]:
+    """Simulate each candidate on the task's scoring sample, choose and score."""
     from neuroscribe.backends.llm import LLMError
+    from neuroscribe.backends.simulators import ProbeImage
 
-    try:
-        return call(), None
-    except LLMError as err:
-        return None, f"simulation failed: {err}"
+    simulation, error = None, None
+    scored = task.scored
+    if explained.error is None:
+        try:
+            if task.variant == ACTIVATIONS:
+                images = [
+                    ProbeImage(i, str(paths[i]), c)
+                    for i, c in zip(scored["image_id"], scored["caption"], strict=True)
+                ]
+                simulation = simulator.predict(explained.candidates, images)
+            else:
+                simulation = simulator.predict_classes(
+                    explained.candidates, scored["item"].tolist()
+                )
+        except LLMError as err:
+            error = f"simulation failed: {err}"
+    return _row(task.neuron, task.variant, explained, task.items, simulation, error)
 
 
 def explain_chunk(
@@ -393,17 +412,18 @@ def explain_chunk(
     with DiskCache(cache, "llm") as store:
         explainer = build_explainer(llm, explain, store, device, dtype)
         sim = build_simulator(simulator, llm, explainer, worlds, device, dtype)
-        tasks = [
-            lambda n=n: _activation_task(n, by_neuron[n], paths, explainer, sim) for n in neurons
-        ]
-        tasks += [
-            lambda n=n: _weight_task(n, weight_rows[n], weight_sets, explainer, sim)
-            for n in neurons
-            if n in weight_rows
-        ]
+        tasks = [_activation_task(n, by_neuron[n]) for n in neurons]
+        tasks += [_weight_task(n, weight_rows[n], weight_sets) for n in neurons if n in weight_rows]
+        # requests run concurrently (the client bounds them); an in-process model runs alone
         workers = llm.get("max_concurrency", 1) if llm["backend"] == "openai" else 1
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(tasks)))) as pool:
-            rows = list(pool.map(lambda task: task(), tasks))
+            explained = _explain_all(explainer, tasks, explain["neurons_per_request"], pool)
+            rows = list(
+                pool.map(
+                    lambda pair: _score(pair[0], pair[1], paths, sim),
+                    zip(tasks, explained, strict=True),
+                )
+            )
         client = getattr(explainer, "client", None)
         if client is not None:
             log.info("llm: %s", client.stats.as_dict())
