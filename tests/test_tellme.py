@@ -436,3 +436,24 @@ def test_several_neurons_per_explainer_request(tmp_path, monkeypatch, per_reques
     assert (
         table.set_index(["variant", "neuron"]).loc[("activations", 2), "label"].startswith("blue")
     )
+
+
+def test_plan_counts_k_plus_one_requests_per_neuron_and_variant():
+    from neuroscribe.methods.tellme.plan import requests, tokens_per_neuron
+
+    cfg = validate(_demo_config(simulator={"backend": "llm"}) | {"llm": {"backend": "openai"}})
+    assert requests(cfg, [16, 16, 3]) == 35 * (1 + 3)
+    batched = validate(
+        _demo_config(simulator={"backend": "llm"}, neurons_per_request=8)
+        | {"llm": {"backend": "openai"}}
+    )
+    assert requests(batched, [16, 16, 3]) == (2 + 2 + 1) + 35 * 3
+    offline = validate(_demo_config())
+    assert requests(offline, [16]) == 0
+    assert tokens_per_neuron(offline, "activations") == {"prompt_tokens": 0, "completion_tokens": 0}
+    reference = validate(
+        _demo_config(simulator={"backend": "llm"}, prompt_mode="reference")
+        | {"llm": {"backend": "openai"}}
+    )
+    compact = tokens_per_neuron(cfg, "activations")["prompt_tokens"]
+    assert tokens_per_neuron(reference, "activations")["prompt_tokens"] > compact > 0
