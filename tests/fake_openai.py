@@ -431,3 +431,13 @@ def _explanations(valued: list[tuple[str, str]], n: int) -> list[str]:
     return [
         " ".join(ranked[: i + 1]) if i < len(ranked) else f"{ranked[0]} ({i + 1})" for i in range(n)
     ]
+
+
+def any_method(body: dict[str, Any]) -> Behaviour:
+    """TeLLMe's requests (listings of `text<TAB>value` lines, or the simulator's) to
+    `tellme_responder`, the rest (Describe-and-Dissect's) to `labeller`."""
+    prompt = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+    tellme = prompt.startswith("What the neuron responds to: ") or re.search(
+        r"\t\d+$", prompt, re.MULTILINE
+    )
+    return tellme_responder(body) if tellme else labeller(body)

@@ -421,7 +421,7 @@ def test_the_full_pipeline_on_tiny_foundation_models(tmp_path: Path) -> None:
     """A tiny config on the real backends: a tiny BLIP from a local folder captions the exemplars,
     the concepts come from an OpenAI-compatible server through the `openai` client, a tiny Stable
     Diffusion draws them through diffusers and a tiny CLIP compares images."""
-    from fake_openai import fake_openai, labeller
+    from fake_openai import any_method, fake_openai
     from tiny_blip import build_tiny_blip
     from tiny_diffusion import build_tiny_clip, build_tiny_sd
 
@@ -447,8 +447,14 @@ def test_the_full_pipeline_on_tiny_foundation_models(tmp_path: Path) -> None:
         "scoring": {"similarity": {"backend": "clip", "model": str(clip)}},
     }
     cfg["resources"] |= {"synthesis": {"gpus": 0}, "scores": {"gpus": 0}}
+    # TeLLMe on the same captioner and server: explanations and an LLM simulator
+    cfg["tellme"] = {"simulator": {"backend": "llm"}}
     env = workflow_env() | {"NEUROSCRIBE_TEST_KEY": "sk-never-logged-42"}
-    with fake_openai(default=labeller) as server:
+
+    def dnd_requests() -> int:
+        return sum("captions of its top images" in str(b["messages"]) for b in server.requests)
+
+    with fake_openai(default=any_method) as server:
         cfg["llm"] = {
             "backend": "openai",
             "model": "fake-model",
@@ -459,7 +465,7 @@ def test_the_full_pipeline_on_tiny_foundation_models(tmp_path: Path) -> None:
         config.write_text(yaml.safe_dump(cfg))
         run_snakemake(tmp_path, config, env=env)
         results = tmp_path / "results" / "tiny"
-        assert len(server.requests) == 32 // 4  # one request per 4 neurons
+        assert dnd_requests() == 32 // 4  # one request per 4 neurons
         concepts = pd.concat(
             pd.read_parquet(p) for p in sorted((results / "concepts").rglob("*.parquet"))
         )
@@ -497,11 +503,25 @@ def test_the_full_pipeline_on_tiny_foundation_models(tmp_path: Path) -> None:
         # a lost concepts file is rebuilt from the LLM cache (no new request), and its concepts
         # are redrawn from the image store (no new image)
         (results / "concepts" / "shapenet" / "conv2" / "0001.parquet").unlink()
+        asked = len(server.requests)
         run_snakemake(tmp_path, config, env=env)
-        assert len(server.requests) == 8
+        assert dnd_requests() == 8 and len(server.requests) == asked
         assert len(list((results / "images").rglob("*.png"))) == len(stored)
         synth_log = results / "logs" / "synthesis" / "shapenet" / "conv2" / "0001.log"
         assert " 0 drawn now" in synth_log.read_text()
+        # TeLLMe: one explainer request per neuron (3 choices), then a simulation per candidate
+        explainers = [b for b in server.requests if b.get("n") == 3]
+        simulations = [b for b in server.requests if b.get("logprobs")]
+        assert len(explainers) == 32 and 0 < len(simulations) <= 32 * 3
+    tellme = table[table.method == "tellme-activations"]
+    assert len(tellme) == 32 and (tellme["status"] == "ok").all()
+    models = json.loads(tellme["models"].iloc[0])
+    assert models["captioner"].startswith(f"blip:{blip}:") and models["simulator"].startswith(
+        "llm:"
+    )
+    rows = pd.read_parquet(results / "descriptions" / "tellme.parquet")
+    assert set(rows["simulation_reading"]) == {"expected-value"}
+    assert rows["candidates"].map(len).eq(3).all()
     logs = "".join(p.read_text() for p in (results / "logs").rglob("*.log"))
     assert "sk-never-logged-42" not in logs
     rerun_log = results / "logs" / "concepts" / "shapenet" / "conv2" / "0001.log"
@@ -519,6 +539,7 @@ def test_a_run_where_every_neuron_failed_fails_and_the_fixed_server_is_asked_aga
     cfg = yaml.safe_load(_config(tmp_path).read_text())
     cfg["targets"][0].pop("train")  # random weights: the plumbing is under test
     cfg["targets"][0]["layers"] = [{"name": "fc", "neurons": "all"}]
+    cfg["methods"] = ["topk", "dnd"]  # the server speaks to Describe-and-Dissect only
     with fake_openai(default=lambda body: Reply(json.dumps({"labels": ["x"]}))) as server:
         cfg["llm"] = {"backend": "openai", "model": "m", "base_url": server.base_url}
         cfg["llm"]["api_key_env"] = None
