@@ -235,6 +235,21 @@ def test_chat_many_bounds_concurrency_and_keeps_order(tmp_path: Path) -> None:
         assert client.stats.requests == 8 and client.stats.completion_tokens == 16
 
 
+def test_the_same_request_in_flight_twice_is_paid_once(tmp_path: Path) -> None:
+    def slow_echo(body: dict[str, Any]) -> Reply:
+        return Reply(f"echo: {body['messages'][-1]['content']}", delay_s=0.3)
+
+    with (
+        FakeOpenAI(default=slow_echo) as server,
+        DiskCache(tmp_path / "cache.sqlite", "llm") as cache,
+    ):
+        client, _ = make_client(server, cache, max_concurrency=4)
+        replies = client.chat_many([ask("same")] * 4 + [ask("other")])
+        assert [r.text for r in replies] == ["echo: same"] * 4 + ["echo: other"]
+        assert len(server.requests) == 2  # the three waiting copies were not sent
+        assert sum(not r.cached for r in replies) == 2 and client.stats.cache_hits == 3
+
+
 def test_api_key_never_leaks(
     server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

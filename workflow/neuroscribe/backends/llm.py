@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -606,6 +606,7 @@ class LLMClient:
         self._lock = threading.Lock()
         # bounds calls in flight across all threads using this client, not only chat_many's pool
         self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._pending: dict[str, Future[ChatReply]] = {}  # requests in flight, by cache key
 
     def __repr__(self) -> str:
         cache = None if self.cache is None else str(self.cache.path)
@@ -643,10 +644,29 @@ class LLMClient:
             if hit is not None:
                 self._count(cache_hits=1)
                 return ChatReply.from_json(hit)
-        reply = self._complete(request)
-        if cache is not None:
-            # stored at once: a job killed after this point never pays for this reply again
-            cache.put(key, reply.as_json())
+        # the same request asked by another thread while it is in flight waits for that reply
+        # instead of paying for it twice
+        with self._lock:
+            pending = self._pending.get(key)
+            owner = pending is None
+            if pending is None:
+                pending = self._pending[key] = Future()
+        if not owner:
+            reply = pending.result()  # the asking thread's error, if it failed
+            self._count(cache_hits=1)
+            return replace(reply, cached=True)
+        try:
+            reply = self._complete(request)
+            if cache is not None:
+                # stored at once: a job killed after this point never pays for this reply again
+                cache.put(key, reply.as_json())
+        except BaseException as err:
+            pending.set_exception(err)
+            raise
+        finally:
+            with self._lock:
+                del self._pending[key]
+        pending.set_result(reply)
         return reply
 
     def value_distributions(
