@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -230,9 +232,9 @@ def _captions(tmp_path, neurons=(0, 1, 2, 3)):
         caption = f"a {colour} {['circle', 'square', 'star'][i % 3]} on a plain background"
         manifest.append({"image_id": f"img{i:03d}", "path": f"/nowhere/{i}.png"})
         for n in neurons:
-            # each neuron its own scoring images (a third of them)
-            held = (i // 6 + n) % 3 == 0
-            part = "explain" if not held else ("validation" if (i // 6) % 2 else "test")
+            # each neuron its own scoring images: a quarter of them, in blocks of every colour
+            held = (i // 6 + n) % 4 == 0
+            part = "explain" if not held else ("validation" if (i // 24) % 2 else "test")
             value = float(colour == colours[n]) + rng.random() * 0.1
             rows.append(
                 {
@@ -305,9 +307,14 @@ def test_one_request_per_neuron_then_one_per_candidate_and_a_rerun_costs_nothing
         explainers = [b for b in bodies if b.get("n") == 3]
         simulations = [b for b in bodies if b.get("logprobs")]
         # per neuron and variant: one explainer request (3 choices), then one simulation per
-        # candidate
-        assert len(explainers) == 8 and len(simulations) == 8 * 3
-        assert len(bodies) == 8 * (3 + 1)
+        # candidate, never the very same request twice (two neurons whose scored images have
+        # the same captions ask the same of the same label)
+        table = pd.read_parquet(tmp_path / "a.parquet")
+        assert len(explainers) == 8 and sum(map(len, table["candidates"])) == 8 * 3
+        assert (table["simulation_replies"].map(len) == 3).all()
+        sent = {json.dumps(b["messages"]) for b in simulations}
+        assert len(sent) == len(simulations) and 8 * 3 - 4 <= len(simulations) <= 8 * 3
+        assert len(bodies) == 8 + len(simulations)
         explained = [b["messages"][-1]["content"] for b in explainers]
         assert all("the main thing this neuron does is find" in m for m in explained)
         explain_chunk(out=tmp_path / "b.parquet", **args)
@@ -325,7 +332,7 @@ def test_one_request_per_neuron_then_one_per_candidate_and_a_rerun_costs_nothing
     activations = first[first["variant"] == "activations"].set_index("neuron")
     assert activations.loc[2, "label"].startswith("blue")
     # chosen on validation, scored on test, read from token probabilities
-    assert (activations["validation_items"] >= 18).all() and (activations["test_items"] >= 18).all()
+    assert (activations["validation_items"] >= 12).all() and (activations["test_items"] >= 12).all()
     assert activations.loc[2, "score"] > 0.9
     assert set(activations["simulation_reading"]) == {"expected-value"}
     weights_rows = first[first["variant"] == "weights"].set_index("neuron")
