@@ -89,7 +89,10 @@ def test_seed_fixes_the_image_whatever_the_batch(synth: DiffusersSynthesizer) ->
     target = request("red circle", 7)
     alone = synth.draw([target])[0]
     batched = synth.draw([request("a dog", 1), target, request("green square", 2)])
-    np.testing.assert_array_equal(pixels(alone), pixels(batched[1]))
+    # the same noise, so the same image; a batched matmul may round a pixel differently on some
+    # CPUs (one value off by 1 of 3072 seen), which a different seed's image is nowhere near
+    a, b = pixels(alone).astype(int), pixels(batched[1]).astype(int)
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.001
     again = synth.draw([target])[0]
     np.testing.assert_array_equal(pixels(alone), pixels(again))
 
