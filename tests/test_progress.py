@@ -134,6 +134,10 @@ def _config(workdir: Path) -> Path:
     cfg |= {"shard_size": 60, "chunk_size": 64, "top_k": 5, "save_every": 2}
     cfg["targets"][0]["layers"] = ["conv3"]
     cfg["targets"][0].pop("train")  # random weights: resuming does not need a trained CNN
+    # the stages that keep progress records (exemplars, and Describe-and-Dissect's scores) and
+    # what reads them; the other methods and the evaluation add time, not coverage
+    cfg["methods"] = ["topk", "dnd"]
+    cfg["evaluation"]["enabled"] = False
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
