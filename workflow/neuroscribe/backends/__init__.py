@@ -66,6 +66,21 @@ def caption_exemplars(
         return cached.caption(exemplar_requests(exemplars, manifest)), cached
 
 
+def caption_images(
+    image_ids: Sequence[str],
+    manifest: str | Path,
+    cfg: dict[str, Any],
+    worlds: Sequence[tuple[str, str | Path]],
+    cache: str | Path,
+    device: str,
+    dtype: str,
+) -> tuple[list[str], CachedCaptioner]:
+    """`caption_exemplars` of whole probe images: the caption of each of `image_ids`, in order,
+    through the run's caption cache."""
+    whole = pd.DataFrame({"image_id": list(image_ids), "box": None})
+    return caption_exemplars(whole, manifest, cfg, worlds, cache, device, dtype)
+
+
 def llm_client(cfg: dict[str, Any], cache: DiskCache | None, device: str, dtype: str) -> LLMClient:
     """The chat client of the configured llm backend (`openai` or `local`)."""
     if cfg["backend"] == "openai":

@@ -210,13 +210,12 @@ class Scorers:
         def caption() -> list[Any]:
             from dataclasses import replace
 
-            from neuroscribe.backends import caption_exemplars
+            from neuroscribe.backends import caption_images
 
             if self.captioner is None or self.cache is None:
                 raise ValueError("the llm simulator needs the `captioner` section and the cache")
-            wanted = pd.DataFrame({"image_id": [i.image_id for i in images], "box": None})
-            captions, cached = caption_exemplars(
-                wanted,
+            captions, cached = caption_images(
+                [i.image_id for i in images],
                 manifest,
                 self.captioner,
                 self.captioner_worlds,

@@ -84,11 +84,11 @@ def caption_chunk(
     table = neuron_sets(
         layer["activations"], layer["heldout"], layer["ids"], neurons, SetSizes.from_config(sets)
     )
-    distinct = pd.DataFrame({"image_id": list(dict.fromkeys(table["image_id"])), "box": None})
-    captions, cached = backends.caption_exemplars(
+    distinct = list(dict.fromkeys(table["image_id"]))
+    captions, cached = backends.caption_images(
         distinct, manifest, captioner, worlds, cache, device, dtype
     )
-    by_id = dict(zip(distinct["image_id"], captions, strict=True))
+    by_id = dict(zip(distinct, captions, strict=True))
     s = cached.stats
     log.info(
         "tellme captions: %d neurons, %d images listed, %d distinct, %d from the cache, "
