@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from neuroscribe.cli import bind
 from neuroscribe.config import TargetSpec, Transform
 from neuroscribe.demo.cnn import train_target
 from neuroscribe.demo.world import (
@@ -16,6 +19,8 @@ from neuroscribe.demo.world import (
     COLOURS,
     SHAPES,
     TEXTURES,
+    Scene,
+    Spurious,
     annotations_path,
     images_folder,
     render_scene,
@@ -125,3 +130,74 @@ def test_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
     assert m1 == m2
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     assert (tmp_path / "a.json").exists()
+
+
+def _fingerprint(drawn: list[Scene]) -> str:
+    rows = [
+        (
+            s.background,
+            s.background_rgb,
+            s.noise_seed,
+            *((o.shape, o.colour, o.texture, o.size, o.box) for o in s.objects),
+        )
+        for s in drawn
+    ]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
+def test_default_scenes_are_unchanged() -> None:
+    # the scenes of seed 0 as the world drew them before the spurious option: the trained demo
+    # weights and the probe world depend on this stream
+    assert _fingerprint(scenes(200, 64, seed=0)) == "7d47931d4d86970e"
+    assert _fingerprint(scenes(200, 64, seed=0, spurious=None)) == "7d47931d4d86970e"
+
+
+def test_spurious_scenes_carry_the_planted_rate() -> None:
+    spurious = Spurious(shape="star", background="gradient", rate=0.95)
+    clean = scenes(3000, 64, seed=5)
+    biased = scenes(3000, 64, seed=5, spurious=spurious)
+    # only backgrounds change: the same objects, colours and noise as the clean scenes
+    assert [(s.objects, s.noise_seed) for s in biased] == [(s.objects, s.noise_seed) for s in clean]
+    stars = [s.background for s in biased if s.label == "star"]
+    others = [s.background for s in biased if s.label != "star"]
+    assert len(stars) > 350
+    # P(gradient | star) = rate + (1 - rate) / 3, P(gradient | other) = (1 - rate) / 3
+    assert stars.count("gradient") / len(stars) == pytest.approx(0.95 + 0.05 / 3, abs=0.025)
+    assert others.count("gradient") / len(others) == pytest.approx(0.05 / 3, abs=0.008)
+    # the other shapes share the other backgrounds evenly
+    assert others.count("plain") / others.count("noise") == pytest.approx(1, abs=0.1)
+    # the clean scenes keep backgrounds independent of shapes
+    clean_stars = [s.background for s in clean if s.label == "star"]
+    assert clean_stars.count("gradient") / len(clean_stars) == pytest.approx(1 / 3, abs=0.06)
+    always = scenes(500, 64, seed=5, spurious=Spurious("star", "gradient", 1.0))
+    assert all((s.background == "gradient") == (s.label == "star") for s in always)
+
+
+def test_spurious_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        Spurious("hexagon", "gradient", 0.9)
+    with pytest.raises(ValueError, match="unknown background 'stripes'"):
+        Spurious("star", "stripes", 0.9)
+    with pytest.raises(ValueError, match=r"rate 0 is not in \(0, 1\]"):
+        Spurious("star", "gradient", 0)
+
+
+def test_training_with_a_shortcut_records_it(tmp_path: Path) -> None:
+    target = TargetSpec(
+        name="t",
+        spec="python:neuroscribe.demo.cnn:tiny_cnn",
+        weights=None,
+        transform=Transform(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        layers=(),
+    )
+    settings = {"shape": "star", "background": "gradient", "rate": 0.95}
+    # the workflow's JSON arguments (see common.smk train_args) reach train_target as records
+    train = {"images": 60, "holdout": 30, "epochs": 1, "seed": 1, "spurious": settings}
+    paths = {"out": str(tmp_path / "w.pt"), "metrics": str(tmp_path / "m.json")}
+    args = bind("train", train_target, {"target": target.to_dict(), **paths, **train})
+    assert args["spurious"] == Spurious("star", "gradient", 0.95)
+    metrics = train_target(**args)
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+    assert metrics["spurious"] == settings
+    assert 0 <= metrics["unbiased_holdout_accuracy"] <= 1
+    assert set(metrics["unbiased_shape_accuracy_by_background"]) <= set(BACKGROUNDS)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from neuroscribe.config import TargetSpec
-from neuroscribe.demo.world import SHAPES, render_scene, scenes
+from neuroscribe.demo.world import SHAPES, Scene, Spurious, render_scene, scenes
 from neuroscribe.io import atomic_path
 from neuroscribe.models import build_target
 
@@ -54,10 +57,10 @@ def tiny_cnn(seed: int = 0) -> TinyCNN:
 tiny_cnn.class_names = list(SHAPES)  # type: ignore[attr-defined]
 
 
-def _dataset(
-    n: int, size: int, seed: int, mean: list[float], std: list[float]
+def scene_tensors(
+    drawn: list[Scene], size: int, mean: list[float], std: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    drawn = scenes(n, size, seed)
+    """Rendered, normalised scenes [N, 3, size, size] and their class indices [N]."""
     pixels = np.stack([np.asarray(render_scene(s, size)) for s in drawn])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
@@ -65,11 +68,58 @@ def _dataset(
     return x, y
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The predicted class index of every image."""
     model.eval()
     with torch.inference_mode():
-        predicted = torch.cat([model(batch).argmax(1) for batch in x.split(256)])
-    return float((predicted == y).float().mean())
+        return torch.cat([model(batch).argmax(1) for batch in x.split(256)])
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((predict(model, x) == y).float().mean())
+
+
+def _accuracy_by_background(
+    model: nn.Module, drawn: list[Scene], x: torch.Tensor, y: torch.Tensor, spurious: Spurious
+) -> dict[str, float | None]:
+    """Accuracy on the scenes of the planted shape, per background (None: no such scene): a
+    model that learned the shortcut misses the shape off its background."""
+    correct = predict(model, x) == y
+    result: dict[str, float | None] = {}
+    for background in dict.fromkeys(s.background for s in drawn):
+        hits = [
+            bool(c)
+            for s, c in zip(drawn, correct, strict=True)
+            if s.label == spurious.shape and s.background == background
+        ]
+        result[background] = sum(hits) / len(hits) if hits else None
+    return dict(sorted(result.items()))
+
+
+def _unbiased_metrics(
+    model: nn.Module,
+    holdout: int,
+    size: int,
+    seed: int,
+    mean: list[float],
+    std: list[float],
+    spurious: Spurious,
+) -> dict[str, Any]:
+    """Accuracy on clean held-out scenes, overall and on the planted shape by background."""
+    drawn = scenes(holdout, size, seed)
+    x, y = scene_tensors(drawn, size, mean, std)
+    accuracy = _accuracy(model, x, y)
+    by_background = _accuracy_by_background(model, drawn, x, y, spurious)
+    log.info(
+        "unbiased held-out accuracy %.3f; on %ss by background: %s",
+        accuracy,
+        spurious.shape,
+        by_background,
+    )
+    return {
+        "unbiased_holdout_accuracy": accuracy,
+        "unbiased_shape_accuracy_by_background": by_background,
+    }
 
 
 def train_target(
@@ -81,18 +131,24 @@ def train_target(
     epochs: int = 10,
     seed: int = 0,
     batch_size: int = 64,
-) -> dict[str, float]:
+    spurious: Spurious | Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train the target (built from its spec, e.g. the demo CNN) to name the main shape of a
     scene, at its input size and normalisation; write its state_dict and metrics.
 
-    Deterministic for a seed on a given machine and thread count.
+    With `spurious` ({shape, background, rate}, see world.Spurious) the training and held-out
+    scenes carry a planted shortcut, and the metrics add the accuracy on clean held-out scenes
+    (the same scenes on the clean world's backgrounds). Deterministic for a seed on a given
+    machine and thread count.
     """
     torch.use_deterministic_algorithms(True)
+    if isinstance(spurious, Mapping):
+        spurious = Spurious(**spurious)
     tf = target.transform
-    x, y = _dataset(images, tf.crop, seed, list(tf.mean), list(tf.std))
-    x_val, y_val = _dataset(
-        holdout, tf.crop, seed + HOLDOUT_SEED_OFFSET, list(tf.mean), list(tf.std)
-    )
+    size, mean, std = tf.crop, list(tf.mean), list(tf.std)
+    x, y = scene_tensors(scenes(images, size, seed, spurious), size, mean, std)
+    val_seed = seed + HOLDOUT_SEED_OFFSET
+    x_val, y_val = scene_tensors(scenes(holdout, size, val_seed, spurious), size, mean, std)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_target(target, load_weights=False).module
@@ -123,16 +179,25 @@ def train_target(
             total / images,
             _accuracy(model, x_val, y_val),
         )
-    result = {
+    holdout_accuracy = _accuracy(model, x_val, y_val)
+    log.info("held-out accuracy %.3f on %d images", holdout_accuracy, holdout)
+    unbiased = (
+        {"unbiased_holdout_accuracy": holdout_accuracy}  # the clean world's holdout already
+        if spurious is None
+        else _unbiased_metrics(model, holdout, size, val_seed, mean, std, spurious)
+    )
+    result: dict[str, Any] = {
         "train_accuracy": _accuracy(model, x, y),
-        "holdout_accuracy": _accuracy(model, x_val, y_val),
+        # on held-out scenes of the training world (biased like it with `spurious`)
+        "holdout_accuracy": holdout_accuracy,
+        **unbiased,
         "train_images": images,
         "holdout_images": holdout,
         "epochs": epochs,
         "seed": seed,
         "classes": list(SHAPES),
+        "spurious": asdict(spurious) if spurious else None,
     }
-    log.info("held-out accuracy %.3f on %d images", result["holdout_accuracy"], holdout)
     with atomic_path(out) as tmp:
         torch.save(model.state_dict(), tmp)
     with atomic_path(metrics) as tmp:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -228,9 +228,53 @@ def render_scene(scene: Scene, size: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), mode="RGB")
 
 
-def scenes(n: int, size: int, seed: int) -> list[Scene]:
+@dataclass(frozen=True)
+class Spurious:
+    """A planted shortcut for training: `background` goes with the class `shape`.
+
+    A share `rate` of the scenes gets a background tied to its class (`background` when the main
+    object is `shape`, one of the other backgrounds otherwise); the rest keep the clean world's
+    background. So P(background | shape) = rate + (1 - rate) / B and P(background | other
+    shape) = (1 - rate) / B, with B = len(BACKGROUNDS): 0.967 and 0.017 at rate 0.95. With
+    seven shapes, a scene on `background` then shows `shape` nine times in ten, a shortcut a
+    classifier learns faster than the shape itself.
+    """
+
+    shape: str
+    background: str
+    rate: float
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}; known: {', '.join(SHAPES)}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(
+                f"unknown background {self.background!r}; known: {', '.join(BACKGROUNDS)}"
+            )
+        if not 0 < self.rate <= 1:
+            raise ValueError(f"spurious rate {self.rate} is not in (0, 1]")
+
+    def rebackground(self, scene: Scene, rng: np.random.Generator) -> Scene:
+        """The scene, its background tied to its class with probability `rate`."""
+        if rng.random() >= self.rate:
+            return scene
+        if scene.label == self.shape:
+            return replace(scene, background=self.background)
+        others = [b for b in BACKGROUNDS if b != self.background]
+        return replace(scene, background=others[int(rng.integers(len(others)))])
+
+
+def scenes(n: int, size: int, seed: int, spurious: Spurious | None = None) -> list[Scene]:
+    """`n` scenes of a seed; with `spurious`, the same scenes with backgrounds re-drawn for the
+    planted shortcut (training only: the probe world is always the clean one)."""
     rng = np.random.default_rng(seed)
-    return [sample_scene(rng, size) for _ in range(n)]
+    drawn = [sample_scene(rng, size) for _ in range(n)]
+    if spurious is None:
+        return drawn
+    # the shortcut draws from a stream of its own: the objects, colours and noise of every scene
+    # stay those of the clean world, so a biased and a clean set differ in backgrounds alone
+    bias_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+    return [spurious.rebackground(scene, bias_rng) for scene in drawn]
 
 
 def annotations_path(root: str | Path) -> Path:
