@@ -50,7 +50,8 @@ def stages() -> dict[str, str]:
 
     found = dict(CORE_STAGES)
     for name in methods.registered():
-        found |= {s.name: s.function for s in methods.get(name).stages}
+        method = methods.get(name)
+        found |= {s.name: s.function for s in (*method.stages, *method.jobs)}
     return found
 
 

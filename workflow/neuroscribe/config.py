@@ -160,7 +160,7 @@ def config_schema() -> dict[str, Any]:
             # that fills in no defaults
             section.pop("$schema", None)
             props[name] = section | {"default": section.get("default", {})}
-        for stage in method.stages:
+        for stage in (*method.stages, *method.jobs):
             if stage.name in seen:
                 raise ConfigError(
                     f"method {name!r} has a stage {stage.name!r}, a name {seen[stage.name]} "

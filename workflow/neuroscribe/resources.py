@@ -26,7 +26,7 @@ def stage_uses_gpu(config: dict[str, Any], stage: str) -> bool:
 
     if stage == "evaluation":
         return _evaluation_uses_gpu(config)
-    method_stages = methods.all_stages(config)
+    method_stages = methods.all_jobs(config)
     if stage in method_stages:
         return method_stages[stage].uses_gpu(config)
     return stage in GPU_STAGES

@@ -323,8 +323,10 @@ def stage_outputs(stage):
 
 
 def method_outputs():
-    """Outputs of the enabled methods' stages, so a deleted one is recomputed."""
-    return [f for m in METHODS for s in m.stages for f in stage_outputs(s.name)]
+    """Outputs of the enabled methods' stages (and their other outputs), so a deleted one is
+    recomputed."""
+    found = [f for m in METHODS for s in m.stages for f in stage_outputs(s.name)]
+    return found + [f for m in METHODS if m.outputs for f in m.outputs(LAYOUT, config)]
 
 
 def stage_files():

@@ -32,6 +32,7 @@ BUILTIN = {
     "dnd": "neuroscribe.methods.dnd:METHOD",
     "clipdissect": "neuroscribe.methods.clipdissect:METHOD",
     "tellme": "neuroscribe.methods.tellme:METHOD",
+    "texplain": "neuroscribe.methods.texplain:METHOD",
 }
 KEY = ["model", "layer", "neuron"]
 
@@ -116,6 +117,12 @@ class Method:
     # it scores on held-out probe images: the merge holds `evaluation.holdout` of them out even
     # with evaluation off
     needs_holdout: bool = False
+    # jobs its rules run besides its stages (once per run or per target; `group` unused): their
+    # CLI names, functions, resources and GPU use
+    jobs: tuple[Stage, ...] = ()
+    # what its rules write besides its stages' tables, so the default target asks for them
+    # (and rebuilds a deleted one): (layout, config) -> paths
+    outputs: Callable[[Layout, dict[str, Any]], list[str]] | None = None
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -187,6 +194,11 @@ def holdout(config: dict[str, Any]) -> float:
 def all_stages(config: dict[str, Any]) -> dict[str, Stage]:
     """Every per-chunk stage of the enabled methods, by name."""
     return {s.name: s for m in enabled(config) for s in m.stages}
+
+
+def all_jobs(config: dict[str, Any]) -> dict[str, Stage]:
+    """Every stage and other job of the enabled methods, by name."""
+    return {s.name: s for m in enabled(config) for s in (*m.stages, *m.jobs)}
 
 
 def stage_owner(config: dict[str, Any], stage: str) -> Method:
