@@ -32,7 +32,7 @@ def demo(**top: Any) -> dict[str, Any]:
 
 def test_demo_config_is_valid_and_defaults_are_filled() -> None:
     cfg = validate_config(demo())
-    assert cfg["methods"] == ["topk", "dnd", "clipdissect", "tellme"]
+    assert cfg["methods"] == ["topk", "dnd", "clipdissect", "tellme", "texplain"]
     assert cfg["evaluation"]["enabled"] and cfg["evaluation"]["holdout"] == 0.2
     assert cfg["captioner"]["backend"] == "annotations" and cfg["llm"]["backend"] == "none"
     assert cfg["dnd"]["prompt_mode"] == "batched" and cfg["dnd"]["candidates"] == 5
@@ -157,7 +157,7 @@ INVALID = [
     (
         _set("methods", ["dnd", "clip"]),
         "config key 'methods[1]': 'clip' is not allowed; allowed values: topk, dnd, "
-        "clipdissect, tellme",
+        "clipdissect, tellme, texplain",
     ),
     (
         _set("probe.datasets.0", {"name": "photos", "type": "folder", "path": "."}),
@@ -173,7 +173,7 @@ INVALID = [
         "config: unknown key 'chunksize' (did you mean 'chunk_size'?); allowed keys: batch_size, "
         "captioner, chunk_size, clipdissect, crop_regions, crop_squash, crops, device, dnd, dtype, "
         "evaluation, llm, max_failed_fraction, methods, preset, probe, resources, run, "
-        "save_every, shard_size, targets, tellme, top_k",
+        "save_every, shard_size, targets, tellme, texplain, top_k",
     ),
     (
         _set("targets.0.poolng", "avg"),

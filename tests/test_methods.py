@@ -78,10 +78,10 @@ def test_built_in_methods_are_registered() -> None:
 
 def test_an_unknown_method_lists_the_registered_ones() -> None:
     with pytest.raises(ConfigError) as err:
-        validate_config(small_demo(methods=["topk", "texplain"]))
+        validate_config(small_demo(methods=["topk", "netdissect"]))
     assert str(err.value) == (
-        "config key 'methods[1]': 'texplain' is not allowed; allowed values: topk, dnd, "
-        "clipdissect, tellme"
+        "config key 'methods[1]': 'netdissect' is not allowed; allowed values: topk, dnd, "
+        "clipdissect, tellme, texplain"
     )
 
 

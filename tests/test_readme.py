@@ -54,6 +54,7 @@ def test_each_section_row_names_every_key_of_its_section() -> None:
         "evaluation": _properties(SCHEMA["properties"]["evaluation"]),
         "clipdissect": _properties(SCHEMA["properties"]["clipdissect"]),
         "tellme": _properties(SCHEMA["properties"]["tellme"]),
+        "texplain": _properties(SCHEMA["properties"]["texplain"]),
     }
     for name, keys in sections.items():
         missing = set(keys) - _named(table[name])
@@ -64,6 +65,9 @@ def test_each_section_row_names_every_key_of_its_section() -> None:
     tellme = sections["tellme"]
     for nested in (tellme["simulator"], tellme["weights"]):
         assert set(_properties(nested)) <= _named(table["tellme"])
+    texplain = sections["texplain"]
+    for nested in ("lm", "translator", "train", "sampling", "direction"):
+        assert set(_properties(texplain[nested])) <= _named(table["texplain"])
     resources = _properties(SCHEMA["properties"]["resources"])
     stage_keys = set(_properties(next(iter(resources.values()))))
     assert set(resources) | stage_keys <= _named(table["resources.<stage>"])

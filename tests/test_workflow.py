@@ -33,6 +33,14 @@ def _config(tmp_path: Path, **changes: object) -> Path:
         {"name": "conv3", "neurons": "0-7"},
         {"name": "fc", "neurons": "all"},
     ]
+    # TExplain at smoke-test size: a briefly pre-trained LM, a few epochs, few sentences
+    cfg["texplain"] = cfg["texplain"] | {
+        "lm": {"model": "demo", "demo_steps": 150},
+        "train": cfg["texplain"]["train"] | {"max_epochs": 5},
+        "sampling": {"sentences": 8, "max_new_tokens": 16},
+        "reference_images": 20,
+        "class_images": 10,
+    }
     cfg.update(changes)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -80,6 +88,13 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "tellme_captions": 4,
         "tellme_weights": 3,  # one per layer (empty but for conv3)
         "tellme": 4,
+        "texplain_lm": 1,
+        "texplain_captions": 1,
+        "texplain_features": 1,
+        "texplain_train": 1,
+        "texplain_reference": 1,
+        "texplain_classes": 1,
+        "texplain": 4,
         "describe": 1,
         "evaluate_layer": 3,
         "evaluation_summary": 1,
@@ -93,6 +108,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     assert "clipdissect: 47 of 47 neurons described" in out
     assert "tellme-activations: 47 of 47 neurons described" in out
     assert re.search(r"tellme-weights: \d of 8 neurons described", out)
+    assert re.search(r"texplain-exemplars: \d+ of 47 neurons described", out)
+    assert re.search(r"texplain-direction: \d of 8 neurons described", out)
     return workdir, config
 
 
@@ -102,14 +119,17 @@ def test_full_run_writes_the_table(finished: tuple[Path, Path]) -> None:
     table = pd.read_parquet(results / "descriptions.parquet")
     manifest = pd.read_parquet(results / "probe" / "manifest.parquet")
     assert len(manifest) == 60
-    # every method on every neuron; TeLLMe's weight-based variant on conv3 only
-    assert len(table) == 4 * (32 + 8 + 7) + 8
+    # every method on every neuron; TeLLMe's weight-based variant and TExplain's direction
+    # mode on conv3 only (the layer pooled into fc, which the translator reads)
+    assert len(table) == 5 * (32 + 8 + 7) + 8 + 8
     assert set(table["method"]) == {
         "topk",
         "dnd",
         "clipdissect",
         "tellme-activations",
         "tellme-weights",
+        "texplain-exemplars",
+        "texplain-direction",
     }
     for method in ("topk", "dnd", "clipdissect", "tellme-activations"):
         fc = table[(table.layer == "fc") & (table.method == method)]
@@ -175,11 +195,15 @@ def test_every_method_is_scored_on_the_held_out_images(finished: tuple[Path, Pat
         "clipdissect",
         "tellme-activations",
         "tellme-weights",
+        "texplain-exemplars",
+        "texplain-direction",
     }
     # topk gives no labels: its exemplars alone are judged, against the world's truth
     assert set(summary[summary["method"] == "topk"]["metric"]) == {"exemplar_precision"}
     assert (results / "evaluation" / "summary.csv").exists()
     named = summary[summary["metric"] == "class_named"].set_index("method")
+    # TExplain's LM here is trained for seconds on 48 captions: its run is a smoke test
+    named = named.drop(index=["texplain-exemplars"], errors="ignore")
     # both name the output neurons' class, far above their shuffled control
     assert (named["mean"] >= 6 / 7).all() and (named["difference"] > 0.5).all(), named
     neurons = pd.read_parquet(results / "evaluation" / "neurons.parquet")
@@ -241,6 +265,32 @@ def test_the_workflow_trains_the_demo_target_to_the_accuracy_target(
     assert len(hidden) == 32 and hidden["truth"].str.contains(":").all()
 
 
+def test_texplain_trains_a_translator_and_describes_neurons_and_classes(
+    finished: tuple[Path, Path],
+) -> None:
+    workdir, _ = finished
+    results = workdir / "results" / "demo"
+    models = results / "texplain_models" / "shapenet"
+    metrics = json.loads((models / "metrics.json").read_text())
+    assert metrics["best_val_loss"] < metrics["first_val_loss"]
+    loss = pd.read_csv(models / "loss.csv")
+    assert set(loss["split"]) == {"train", "validation"}
+    assert (models / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = pd.read_parquet(results / "descriptions.parquet")
+    direction = table[table.method == "texplain-direction"]
+    assert set(direction["layer"]) == {"conv3"} and len(direction) == 8
+    details = pd.read_parquet(results / "descriptions" / "texplain.parquet")
+    assert set(details["mode"]) == {"exemplars", "direction"}
+    ok = details.merge(table[table.status == "ok"][KEY], on=KEY)
+    assert (ok["sentences"] > 0).all() and ok["words"].map(len).gt(0).all()
+    used = json.loads(table[table.method == "texplain-exemplars"]["models"].iloc[0])
+    assert used["lm"].endswith("texplain_models/lm") and used["captioner"] == "annotations"
+    classes = pd.read_parquet(results / "texplain" / "classes.parquet")
+    assert set(classes["by"]) == {"predicted", "label"} and set(classes["model"]) == {"shapenet"}
+    reference = pd.read_parquet(models / "reference.parquet")
+    assert len(reference) == 20 and reference["sentences"].map(len).eq(8).all()
+
+
 def test_tellme_explains_from_captions_and_from_weights(finished: tuple[Path, Path]) -> None:
     results = finished[0] / "results" / "demo"
     table = pd.read_parquet(results / "descriptions.parquet")
@@ -298,6 +348,7 @@ def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
         "concepts": 1,
         "synthesis": 1,
         "scores": 1,
+        "texplain": 1,
         "describe": 1,
         "evaluate_layer": 3,  # each reads the rewritten table; unchanged labels come from its cache
         "evaluation_summary": 1,
@@ -376,6 +427,7 @@ def test_plan_prints_a_summary_and_writes_plan_json(
         "tellme_captions": 4,
         "tellme_weights": 3,
         "tellme": 4,
+        "texplain": 4,
         "describe": 1,
         "evaluate_layer": 3,
         "evaluation_summary": 1,
@@ -432,6 +484,8 @@ def test_the_full_pipeline_on_tiny_foundation_models(tmp_path: Path) -> None:
     cfg["targets"][0].pop("train")  # random weights are enough to test the plumbing
     cfg["targets"][0]["layers"] = ["conv2"]
     cfg["probe"]["datasets"][0]["n_images"] = 40
+    # TExplain's demo LM speaks the demo world's words only, not a random BLIP's
+    cfg["methods"] = ["topk", "dnd", "clipdissect", "tellme"]
     cfg |= {"run": "tiny", "shard_size": 40, "chunk_size": 16, "top_k": 4}
     cfg["captioner"] = {"backend": "blip", "model": str(blip), "max_new_tokens": 6}
     cfg["dnd"] = {

@@ -120,6 +120,16 @@ def result_settings(stage, wildcards):
     )
 
 
+def job_settings(job, model=None):
+    """What changes the output of a method's job that is not per chunk or layer (once per run
+    or per target): a change reruns it."""
+    (owner,) = [m for m in METHODS if any(j.name == job for j in m.jobs)]
+    found = {"method": owner.settings(job, config), "holdout": holdout()}
+    if model is not None:
+        found["target"] = target_dict(model)
+    return as_json(found | {"device": config["device"], "dtype": config["dtype"]})
+
+
 def target_dict(model):
     return LAYOUT.targets[model].to_dict()
 
