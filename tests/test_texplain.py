@@ -220,3 +220,16 @@ def test_a_chunk_gets_words_per_neuron_and_mode_and_a_rerun_samples_nothing(tmp_
     assert "0 sentences sampled by this job" in caplog.text
     again = pd.read_parquet(tmp_path / "b.parquet")
     pd.testing.assert_frame_equal(table, again)
+
+
+def test_class_samples_are_drawn_per_class_and_capped():
+    import numpy as np
+
+    from neuroscribe.methods.texplain.stages import _groups, hash_order
+
+    ids = np.array([f"img{i}" for i in range(30)])
+    keys = ["star" if i % 3 == 0 else "ring" for i in range(30)]
+    groups = _groups(ids, keys, 4, seed=0)
+    assert sorted(groups) == ["ring", "star"] and all(len(g) == 4 for g in groups.values())
+    stars = [str(i) for i, k in zip(ids, keys, strict=True) if k == "star"]
+    assert groups["star"] == hash_order(stars, 0)[:4]

@@ -50,7 +50,7 @@ class TargetSpec:
     weights: str | None
     transform: Transform
     layers: tuple[LayerSpec, ...]
-    train: dict[str, int] | None = None
+    train: dict[str, Any] | None = None  # the demo training's arguments (spurious: a dict)
 
     @property
     def kind(self) -> str:

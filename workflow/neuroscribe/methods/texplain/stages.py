@@ -253,11 +253,11 @@ def _groups(
     image_ids: np.ndarray, keys: Sequence[str], per_class: int, seed: int
 ) -> dict[str, list[str]]:
     """Up to `per_class` images per key value (a drawn sample, the same on every rerun)."""
-    found: dict[str, list[str]] = {}
-    for key in sorted(set(keys)):
-        members = [str(i) for i, k in zip(image_ids, keys, strict=True) if k == key]
-        found[key] = hash_order(members, seed)[:per_class]
-    return found
+    table = pd.DataFrame({"image_id": np.asarray(image_ids, dtype=str), "key": list(keys)})
+    return {
+        str(key): hash_order(group["image_id"].tolist(), seed)[:per_class]
+        for key, group in table.groupby("key", sort=True)
+    }
 
 
 def reference_and_classes(
