@@ -233,3 +233,60 @@ def test_class_samples_are_drawn_per_class_and_capped():
     assert sorted(groups) == ["ring", "star"] and all(len(g) == 4 for g in groups.values())
     stars = [str(i) for i, k in zip(ids, keys, strict=True) if k == "star"]
     assert groups["star"] == hash_order(stars, 0)[:4]
+
+
+def test_with_an_llm_one_cached_request_per_neuron_phrases_its_words(tmp_path, monkeypatch):
+    import pandas as pd
+    from fake_openai import Reply, fake_openai
+
+    from neuroscribe.methods.texplain.sentences import Sampling
+    from neuroscribe.methods.texplain.stages import Words, explain_chunk
+
+    world = _world(tmp_path)
+    monkeypatch.setenv("NEUROSCRIBE_TEST_KEY", "sk-never-logged-7")
+
+    def phrase(body):
+        words = body["messages"][-1]["content"].removeprefix("Words: ").split(", ")
+        return Reply(f"the {words[0]} thing")
+
+    with fake_openai(default=phrase) as server:
+        llm = {
+            "backend": "openai",
+            "model": "fake-model",
+            "base_url": server.base_url,
+            "api_key_env": "NEUROSCRIBE_TEST_KEY",
+            "timeout_s": 30,
+            "max_concurrency": 2,
+            "max_attempts": 2,
+        }
+        for out in ("a.parquet", "b.parquet"):
+            explain_chunk(
+                exemplars=tmp_path / "exemplars.parquet",
+                reference=tmp_path / "reference.parquet",
+                features=world["features"],
+                translator=world["translator"],
+                input_layer="conv3",
+                layer="conv3",
+                model="m",
+                neurons=[0, 1],
+                direction=False,
+                direction_scale=3.0,
+                holdout=0.2,
+                lm=world["lm"],
+                captions=tmp_path / "captions.parquet",
+                sampling=Sampling(sentences=4, max_new_tokens=8, temperature=1.0, top_p=0.95),
+                words=Words(top_words=5),
+                llm=llm,
+                cache=tmp_path / "cache",
+                out=tmp_path / out,
+                max_failed_fraction=1.0,
+                device="cpu",
+                dtype="float32",
+            )
+        table = pd.read_parquet(tmp_path / "a.parquet")
+        ok = table[table.status == "ok"]
+        assert len(server.requests) == len(ok) > 0  # once per neuron, none on the rerun
+    for row in ok.itertuples():
+        assert row.label == f"the {row.words[0]} thing" and row.labels[0] == row.label
+    assert '"llm": "fake-model"' in table["models"].iloc[0]
+    assert "sk-never-logged-7" not in (tmp_path / "a.parquet").read_bytes().decode("latin-1")

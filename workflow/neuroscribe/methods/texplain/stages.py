@@ -354,13 +354,16 @@ class Labeller:
     label_words: int
     client: Any = None
 
-    def label(self, top: Sequence[str]) -> tuple[str, str | None]:
-        plain = " ".join(top[: self.label_words])
+    def label(self, top: Sequence[str]) -> str:
         if self.client is None:
-            return plain, None
+            return " ".join(top[: self.label_words])
         from neuroscribe.methods.texplain.phrasing import phrase
 
-        return phrase(self.client, top), None
+        return phrase(self.client, top)
+
+    def redact(self, text: str) -> str:
+        """An error's text without the API key (the client knows it)."""
+        return self.client.redact(text) if self.client is not None else text
 
 
 def _labeller(
@@ -416,9 +419,10 @@ def _neuron_row(
         }
         return row
     try:
-        label, _ = labeller.label(top)
+        label = labeller.label(top)
     except Exception as err:  # one neuron's failed request fails that neuron, not the chunk
-        return row | {"status": "failed", "error": f"phrasing the label failed: {err}"}
+        error = labeller.redact(f"phrasing the label failed: {err}")
+        return row | {"status": "failed", "error": error}
     row |= {"label": label, "labels": [label, *[w for w in top if w != label][:2]]}
     row["score"] = float(scores[0].zscore)
     return row
