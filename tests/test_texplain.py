@@ -162,7 +162,7 @@ def _world(tmp_path, n_images=40, units=6, seed=0):
     return {"features": features, "lm": str(lm), "translator": tmp_path / "translator.pt"}
 
 
-def _explain(tmp_path, world, out, direction=True):
+def _explain(tmp_path, world, out, direction=True, neurons=(0, 1, 2), llm=None):
     from neuroscribe.methods.texplain.sentences import Sampling
     from neuroscribe.methods.texplain.stages import Words, explain_chunk
 
@@ -174,7 +174,7 @@ def _explain(tmp_path, world, out, direction=True):
         input_layer="conv3",
         layer="conv3",
         model="m",
-        neurons=[0, 1, 2],
+        neurons=list(neurons),
         direction=direction,
         direction_scale=3.0,
         holdout=0.2,
@@ -182,7 +182,7 @@ def _explain(tmp_path, world, out, direction=True):
         captions=tmp_path / "captions.parquet",
         sampling=Sampling(sentences=4, max_new_tokens=8, temperature=1.0, top_p=0.95),
         words=Words(top_words=5, label_words=2),
-        llm=None,
+        llm=llm,
         cache=tmp_path / "cache",
         out=out,
         max_failed_fraction=1.0,
@@ -239,9 +239,6 @@ def test_with_an_llm_one_cached_request_per_neuron_phrases_its_words(tmp_path, m
     import pandas as pd
     from fake_openai import Reply, fake_openai
 
-    from neuroscribe.methods.texplain.sentences import Sampling
-    from neuroscribe.methods.texplain.stages import Words, explain_chunk
-
     world = _world(tmp_path)
     monkeypatch.setenv("NEUROSCRIBE_TEST_KEY", "sk-never-logged-7")
 
@@ -260,29 +257,7 @@ def test_with_an_llm_one_cached_request_per_neuron_phrases_its_words(tmp_path, m
             "max_attempts": 2,
         }
         for out in ("a.parquet", "b.parquet"):
-            explain_chunk(
-                exemplars=tmp_path / "exemplars.parquet",
-                reference=tmp_path / "reference.parquet",
-                features=world["features"],
-                translator=world["translator"],
-                input_layer="conv3",
-                layer="conv3",
-                model="m",
-                neurons=[0, 1],
-                direction=False,
-                direction_scale=3.0,
-                holdout=0.2,
-                lm=world["lm"],
-                captions=tmp_path / "captions.parquet",
-                sampling=Sampling(sentences=4, max_new_tokens=8, temperature=1.0, top_p=0.95),
-                words=Words(top_words=5),
-                llm=llm,
-                cache=tmp_path / "cache",
-                out=tmp_path / out,
-                max_failed_fraction=1.0,
-                device="cpu",
-                dtype="float32",
-            )
+            _explain(tmp_path, world, tmp_path / out, direction=False, neurons=[0, 1], llm=llm)
         table = pd.read_parquet(tmp_path / "a.parquet")
         ok = table[table.status == "ok"]
         assert len(server.requests) == len(ok) > 0  # once per neuron, none on the rerun
