@@ -128,11 +128,13 @@ def test_load_lm_names_the_model(tmp_path: Path) -> None:
 
 def test_training_lowers_validation_loss(lm_folder: Path, lm: tuple, tmp_path: Path) -> None:
     features, captions = world_pairs(240, seed=1)
+    # 280 steps at 1e-2: 16 steps at 3e-2 left the prefix ~0.01 short of the unprompted LM on
+    # another machine's arithmetic; this margin is ~0.08 on both
     settings = TrainSettings(
-        lr=3e-2,
+        lr=1e-2,
         warmup_steps=5,
         batch_size=32,
-        max_epochs=16,
+        max_epochs=40,
         eval_every=7,
         patience=20,
         checkpoint_every=1000,
@@ -160,12 +162,12 @@ def test_training_lowers_validation_loss(lm_folder: Path, lm: tuple, tmp_path: P
     assert metrics["best_val_loss"] < metrics["first_val_loss"] - 0.3
     assert metrics["best_val_loss"] < unprompted - 0.05, (metrics, unprompted)
     assert metrics["stop_reason"] == "max_epochs" and metrics["dtype"] == "float32"
-    assert metrics["steps"] == 16 * 7 and metrics["resumed_from_step"] is None
+    assert metrics["steps"] == 40 * 7 and metrics["resumed_from_step"] is None
     out = tmp_path / "out"
     assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
     lines = (out / "loss.csv").read_text().splitlines()
     assert lines[0] == "step,split,loss" and lines[1].startswith("0,validation,")
-    assert sum(",train," in line for line in lines) == 16 * 7
+    assert sum(",train," in line for line in lines) == 40 * 7
     translator = load_translator(out / "translator.pt", CPU)
     assert translator.spec.kind == "linear" and translator.spec.embed_dim == 64
 

@@ -80,8 +80,14 @@ def content_words(text: str) -> list[str]:
 
 
 def sentence_counts(texts: Sequence[str]) -> Counter[str]:
-    """Content-word token counts over all texts (a word twice in one text counts twice)."""
-    return Counter(w for text in texts for w in content_words(text))
+    """Content-word token counts over all texts (a word twice in one text counts twice).
+
+    Each distinct text is split once: sampled sentences repeat a lot."""
+    found: Counter[str] = Counter()
+    for text, times in Counter(texts).items():
+        for word in content_words(text):
+            found[word] += times
+    return found
 
 
 # the prior pseudo-count of a word that a given prior never saw: small enough not to move the

@@ -101,8 +101,8 @@ class SentenceSource:
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.lm, self.tokenizer = load_lm(lm, self.device, self.dtype)
-        self.translator = load_translator(translator, self.device)
+        self.lm_name, self.translator_path = lm, translator
+        self._models: tuple[Any, Any, Any] | None = None  # loaded when something is sampled
         self.sampling = sampling
         self.cache = DiskCache(cache, "texplain_sentences")
         self._key = json.dumps(
@@ -110,6 +110,14 @@ class SentenceSource:
             sort_keys=True,
         )
         self.generated = 0  # sentences sampled by this job (not found in the cache)
+
+    def _loaded(self) -> tuple[Any, Any, Any]:
+        """The LM, its tokenizer and the translator, loaded on first use: a job whose sentences
+        are all cached never loads them."""
+        if self._models is None:
+            lm, tokenizer = load_lm(self.lm_name, self.device, self.dtype)
+            self._models = lm, tokenizer, load_translator(self.translator_path, self.device)
+        return self._models
 
     def _cache_key(self, name: str) -> str:
         return hashlib.sha256(f"{self._key}|{name}".encode()).hexdigest()
@@ -131,6 +139,7 @@ class SentenceSource:
 
     def _sample(self, names: list[str], features: np.ndarray) -> dict[str, list[str]]:
         s = self.sampling
+        lm, tokenizer, translator = self._loaded()
         out: dict[str, list[str]] = {}
         # bounded groups, each cached when done: a preempted job keeps what it sampled
         per_group = max(1, 4 * s.batch_rows // s.sentences)
@@ -138,11 +147,11 @@ class SentenceSource:
             group = names[start : start + per_group]
             x = torch.from_numpy(np.ascontiguousarray(features[start : start + per_group]))
             with torch.inference_mode():
-                prefixes = self.translator(x.to(self.device, torch.float32))
-                prefixes = prefixes.to(self.lm.get_input_embeddings().weight.dtype)
+                prefixes = translator(x.to(self.device, torch.float32))
+                prefixes = prefixes.to(lm.get_input_embeddings().weight.dtype)
             drawn = generate_sentences(
-                self.lm,
-                self.tokenizer,
+                lm,
+                tokenizer,
                 prefixes,
                 seeds=[seed_of(s.seed, name) for name in group],
                 sentences=s.sentences,

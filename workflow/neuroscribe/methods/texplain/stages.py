@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,11 +196,10 @@ def hash_order(image_ids: Sequence[str], seed: int) -> list[str]:
     return sorted(image_ids, key=key.__getitem__)
 
 
-def overused(focus: Sequence[str], reference: Sequence[str], words: Words) -> list[WordScore]:
-    """The words the focus sentences use more than the reference ones (z > 0), best first."""
-    scores = log_odds(
-        sentence_counts(focus), sentence_counts(reference), prior_size=words.prior_size
-    )
+def overused(focus: Counter[str], reference: Counter[str], words: Words) -> list[WordScore]:
+    """The words the focus sentences use more than the reference ones (z > 0), best first,
+    from their word counts (`sentence_counts`)."""
+    scores = log_odds(focus, reference, prior_size=words.prior_size)
     return [s for s in scores if s.zscore > 0][: words.top_words]
 
 
@@ -223,12 +223,17 @@ def _class_rows(
 ) -> list[dict[str, Any]]:
     """Per class, its words against the other classes' images."""
     rows = []
+    texts = {name: _flat([sentences[i] for i in images]) for name, images in groups.items()}
+    counts = {name: sentence_counts(focus) for name, focus in texts.items()}
+    total = sum(counts.values(), Counter())
     for name, images in groups.items():
-        focus = _flat([sentences[i] for i in images])
-        rest = _flat([sentences[i] for other, ims in groups.items() if other != name for i in ims])
+        focus = texts[name]
+        rest = sum(len(t) for other, t in texts.items() if other != name)
         if not focus or not rest:
             continue
-        for rank, s in enumerate(overused(focus, rest, words)):
+        # the groups are disjoint (one class per image): the rest's counts are the total's less
+        # this class's
+        for rank, s in enumerate(overused(counts[name], total - counts[name], words)):
             rows.append(
                 {
                     "model": model,
@@ -242,7 +247,7 @@ def _class_rows(
                     "reference_count": s.reference_count,
                     "images": len(images),
                     "sentences": len(focus),
-                    "reference_sentences": len(rest),
+                    "reference_sentences": rest,
                     "examples": focus[:EXAMPLES],
                 }
             )
@@ -459,7 +464,9 @@ def explain_chunk(
     tops = tops.sort_values(["neuron", "rank"]).drop_duplicates(["neuron", "image_id"])
     per_neuron = {int(n): g["image_id"].astype(str).tolist() for n, g in tops.groupby("neuron")}
     found = read_features(features, input_layer, None)
-    ref_sentences = _flat(pd.read_parquet(reference, columns=["sentences"])["sentences"].tolist())
+    ref_counts = sentence_counts(
+        _flat(pd.read_parquet(reference, columns=["sentences"])["sentences"].tolist())
+    )
     source = SentenceSource(lm, translator, sampling, cache, device, dtype)
     labeller = _labeller(words, llm, cache, device, dtype)
     captioner = str(pd.read_parquet(captions, columns=["captioner"])["captioner"].iloc[0])
@@ -477,7 +484,7 @@ def explain_chunk(
                 layer,
                 n,
                 EXEMPLARS,
-                overused(focus, ref_sentences, words),
+                overused(sentence_counts(focus), ref_counts, words),
                 focus,
                 len(images),
                 labeller,
@@ -523,7 +530,7 @@ def _direction_rows(
     for row, n in enumerate(neurons, start=1):
         steps[row, n] += scale * max(float(std[n]), 1e-6)
     drawn = source.sentences(names, steps.astype(np.float32))
-    baseline = drawn[base_name]
+    baseline = sentence_counts(drawn[base_name])
     return [
         _neuron_row(
             models,
@@ -531,7 +538,7 @@ def _direction_rows(
             layer,
             n,
             DIRECTION,
-            overused(drawn[name], baseline, words),
+            overused(sentence_counts(drawn[name]), baseline, words),
             drawn[name],
             0,
             labeller,
