@@ -28,11 +28,13 @@ demo: install
 	snakemake --profile profiles/local --configfile config/demo.yaml
 	@echo
 	@echo "Done. The description table: results/demo/descriptions.parquet (and .csv), with"
-	@echo "each method's details in results/demo/descriptions/{dnd,clipdissect,tellme}.parquet;"
+	@echo "each method's details in results/demo/descriptions/{dnd,clipdissect,tellme,texplain}.parquet;"
 	@echo "the evaluation: results/demo/evaluation/ (neurons.parquet, summary.csv); the probe"
 	@echo "manifest: results/demo/probe/manifest.parquet; logs: results/demo/logs/."
 	@echo "Every method on the held-out images, against its shuffled labels and the world's truth:"
 	@sed -n 's/.*neuroscribe.evaluation.stage: /  /p' results/demo/logs/evaluation_summary.log
+	@echo "The planted shortcut in TExplain's per-class words (results/demo/evaluation/shortcuts.csv):"
+	@sed -n 's/.*neuroscribe.demo.shortcuts: /  /p' results/demo/logs/evaluate_shortcuts.log
 
 plan: install
 	snakemake --profile profiles/local --configfile config/demo.yaml plan

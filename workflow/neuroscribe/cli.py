@@ -34,6 +34,7 @@ CORE_STAGES = {
     "describe": "neuroscribe.describe:write_descriptions",
     "evaluate-layer": "neuroscribe.evaluation.stage:evaluate_layer",
     "evaluate-summary": "neuroscribe.evaluation.stage:summarise",
+    "evaluate-shortcuts": "neuroscribe.demo.shortcuts:write_checks",
     "plan": "neuroscribe.plan:run_plan",
     "check-weights": "neuroscribe.weights:check_weights",
     "prefetch": "neuroscribe.prefetch:run_prefetch",

@@ -96,6 +96,10 @@ class RunPaths:
     def evaluation_summary(self, suffix: str = "parquet") -> str:
         return f"{self.root}/evaluation/summary.{suffix}"
 
+    def evaluation_shortcuts(self) -> str:
+        """The demo targets' planted shortcuts, looked for in TExplain's per-class words."""
+        return f"{self.root}/evaluation/shortcuts.csv"
+
     @property
     def plan(self) -> str:
         return f"{self.root}/plan.json"

@@ -110,3 +110,30 @@ rule evaluation_summary:
         ),
     shell:
         '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe evaluate-summary {params.args:q} 2> {log}'
+
+
+rule evaluate_shortcuts:
+    input:
+        classes=f"{RESULTS}/texplain/classes.parquet",
+    output:
+        PATHS.evaluation_shortcuts(),
+    log:
+        PATHS.log("evaluate_shortcuts"),
+    benchmark:
+        PATHS.benchmark("evaluate_shortcuts")
+    localrule: True
+    conda:
+        CPU_ENV
+    params:
+        args=lambda w, input, output: as_json(
+            {
+                "classes": input.classes,
+                "targets": [
+                    {"name": t["name"], "train": t.get("train")}
+                    for t in config["targets"]
+                ],
+                "out": output[0],
+            }
+        ),
+    shell:
+        '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe evaluate-shortcuts {params.args:q} 2> {log}'
