@@ -14,6 +14,7 @@ from conftest import REPO
 def _demo_config(**texplain):
     cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     cfg = copy.deepcopy(cfg)
+    cfg["targets"] = cfg["targets"][:1]  # the clean CNN (the second has a planted shortcut)
     cfg["targets"][0].pop("train")  # random weights: only the architecture is inspected
     cfg["texplain"] = cfg["texplain"] | texplain
     return cfg
@@ -265,3 +266,98 @@ def test_with_an_llm_one_cached_request_per_neuron_phrases_its_words(tmp_path, m
         assert row.label == f"the {row.words[0]} thing" and row.labels[0] == row.label
     assert '"llm": "fake-model"' in table["models"].iloc[0]
     assert "sk-never-logged-7" not in (tmp_path / "a.parquet").read_bytes().decode("latin-1")
+
+
+# -- a named caption file as the training data ------------------------------------------------
+
+
+def _caption_file(tmp_path, suffix=".csv"):
+    """Three images (one unreadable), five caption rows: two for one image, one empty."""
+    import pandas as pd
+    from PIL import Image
+
+    folder = tmp_path / "coco"
+    folder.mkdir()
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (32, 32), colour).save(folder / name)
+    (folder / "broken.png").write_bytes(b"not a png")
+    table = pd.DataFrame(
+        {
+            "file": ["a.png", "a.png", "b.png", "broken.png", str(folder / "b.png")],
+            "text": ["a red square", "a red plain square", "a blue square", "a square", " "],
+        }
+    )
+    path = folder / f"captions{suffix}"
+    if suffix == ".csv":
+        table.to_csv(path, index=False)
+    else:
+        table.to_parquet(path)
+    return path
+
+
+def test_a_caption_file_is_checked_when_the_config_is_read(tmp_path):
+    from neuroscribe.config import ConfigError
+
+    path = _caption_file(tmp_path)
+    named = {"path": str(path), "path_column": "file", "caption_column": "text"}
+    validate(_demo_config(captions=named))
+    with pytest.raises(
+        ConfigError,
+        match=r"texplain\.captions\.caption_column.*no column "
+        r"'caption' \(columns: file, text\)",
+    ):
+        validate(_demo_config(captions={"path": str(path), "path_column": "file"}))
+    with pytest.raises(ConfigError, match=r"texplain\.captions\.path.*does not exist"):
+        validate(_demo_config(captions=named | {"path": str(tmp_path / "none.csv")}))
+    with pytest.raises(ConfigError, match=r"not a \.csv or \.parquet"):
+        validate(_demo_config(captions=named | {"path": str(tmp_path / "list.txt")}))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_caption_file_gives_every_caption_of_its_readable_images(tmp_path, suffix):
+    import pandas as pd
+
+    from neuroscribe.methods.texplain.dataset import caption_dataset
+
+    path = _caption_file(tmp_path, suffix)
+    out, manifest = tmp_path / "out" / "captions.parquet", tmp_path / "out" / "images.parquet"
+    rejected = tmp_path / "out" / "rejected.parquet"
+    caption_dataset(str(path), "file", "text", out, manifest, rejected)
+    images = pd.read_parquet(manifest)
+    assert sorted(p.rsplit("/", 1)[1] for p in images["path"]) == ["a.png", "b.png"]
+    assert pd.read_parquet(rejected)["path"].str.endswith("broken.png").all()
+    pairs = pd.read_parquet(out)
+    by_image = dict(
+        zip(images["image_id"], images["path"].str.rsplit("/", n=1).str[1], strict=True)
+    )
+    assert sorted(
+        (by_image[i], c) for i, c in zip(pairs["image_id"], pairs["caption"], strict=True)
+    ) == [
+        ("a.png", "a red plain square"),
+        ("a.png", "a red square"),
+        ("b.png", "a blue square"),
+    ]
+    assert set(pairs["captioner"]) == {f"file:captions{suffix}"}
+    assert not list(out.parent.glob(".*"))  # the de-duplicated image list is gone
+
+
+def test_a_caption_file_trains_on_its_own_images_features(tmp_path, job_env):
+    """The dry run: the caption file's job and one feature job per target feed the training;
+    the explain split is not captioned for it."""
+    from conftest import run_snakemake
+
+    path = _caption_file(tmp_path)
+    cfg = _demo_config(
+        captions={"path": str(path), "path_column": "file", "caption_column": "text"}
+    )
+    cfg["methods"] = ["topk", "texplain"]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    dry = run_snakemake(tmp_path, config, "-n", "-p", env=job_env)
+    listing = dry.stdout + dry.stderr
+    assert dry.returncode == 0, listing[-3000:]
+    assert "rule texplain_caption_file:" in listing and "rule texplain_captions:" not in listing
+    assert "rule texplain_train_features:" in listing
+    assert "texplain_models/shapenet/train_features.h5" in listing
+    train = listing[listing.index("rule texplain_train:") :]
+    assert "train_features.h5" in train.split("output:")[0]

@@ -12,6 +12,15 @@ TEXPLAIN_MODELS = f"{RESULTS}/texplain_models"
 TEXPLAIN_DEMO_LM = f"{TEXPLAIN_MODELS}/lm"
 TEXPLAIN_LM = tx.lm_model(config, TEXPLAIN_DEMO_LM)
 TEXPLAIN_CAPTIONS = f"{RESULTS}/texplain/captions.parquet"
+# a named caption file trains the translator on its own images (their features by a job of
+# their own); without one, the captioned explain split and the probe's features
+TEXPLAIN_CAPTION_FILE = config["texplain"]["captions"]
+TEXPLAIN_CAPTION_IMAGES = f"{RESULTS}/texplain/caption_images.parquet"
+TEXPLAIN_TRAIN_FEATURES = (
+    f"{TEXPLAIN_MODELS}/{{model}}/features.h5"
+    if TEXPLAIN_CAPTION_FILE is None
+    else f"{TEXPLAIN_MODELS}/{{model}}/train_features.h5"
+)
 # the demo LM's folder, an input of the jobs that load the LM when the workflow pre-trains it
 TEXPLAIN_LM_INPUT = [TEXPLAIN_DEMO_LM] if TEXPLAIN_LM == TEXPLAIN_DEMO_LM else []
 
@@ -42,39 +51,115 @@ rule texplain_lm:
         'OMP_NUM_THREADS={threads} "${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe texplain_lm {params.args:q} 2> {log}'
 
 
-rule texplain_captions:
-    input:
-        manifest=PATHS.manifest,
-        worlds=annotation_worlds,
-    output:
-        TEXPLAIN_CAPTIONS,
-    log:
-        PATHS.log("texplain_captions", "captions"),
-    benchmark:
-        PATHS.benchmark("texplain_captions", "captions")
-    conda:
-        GPU_ENV
-    threads: stage_resource("texplain_captions", "cpus")
-    resources:
-        mem_mb=scaled("texplain_captions", "mem_mb"),
-        runtime=scaled("texplain_captions", "runtime"),
-        gpu=gpus("texplain_captions"),
-    params:
-        settings=lambda w: job_settings("texplain_captions"),
-        args=lambda w, input, output: as_json(
-            {
-                "manifest": input.manifest,
-                "out": output[0],
-                "holdout": holdout(),
-                "captioner": config["captioner"],
-                "worlds": annotation_world_pairs(),
-                "cache": PATHS.cache,
-                "device": config["device"],
-                "dtype": config["dtype"],
-            }
-        ),
-    shell:
-        'OMP_NUM_THREADS={threads} "${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe texplain_captions {params.args:q} 2> {log}'
+if TEXPLAIN_CAPTION_FILE is None:
+
+    rule texplain_captions:
+        input:
+            manifest=PATHS.manifest,
+            worlds=annotation_worlds,
+        output:
+            TEXPLAIN_CAPTIONS,
+        log:
+            PATHS.log("texplain_captions", "captions"),
+        benchmark:
+            PATHS.benchmark("texplain_captions", "captions")
+        conda:
+            GPU_ENV
+        threads: stage_resource("texplain_captions", "cpus")
+        resources:
+            mem_mb=scaled("texplain_captions", "mem_mb"),
+            runtime=scaled("texplain_captions", "runtime"),
+            gpu=gpus("texplain_captions"),
+        params:
+            settings=lambda w: job_settings("texplain_captions"),
+            args=lambda w, input, output: as_json(
+                {
+                    "manifest": input.manifest,
+                    "out": output[0],
+                    "holdout": holdout(),
+                    "captioner": config["captioner"],
+                    "worlds": annotation_world_pairs(),
+                    "cache": PATHS.cache,
+                    "device": config["device"],
+                    "dtype": config["dtype"],
+                }
+            ),
+        shell:
+            'OMP_NUM_THREADS={threads} "${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe texplain_captions {params.args:q} 2> {log}'
+
+else:
+
+    rule texplain_caption_file:
+        input:
+            TEXPLAIN_CAPTION_FILE["path"],
+        output:
+            captions=TEXPLAIN_CAPTIONS,
+            manifest=TEXPLAIN_CAPTION_IMAGES,
+            rejected=f"{RESULTS}/texplain/caption_images_rejected.parquet",
+        log:
+            PATHS.log("texplain_caption_file", "captions"),
+        benchmark:
+            PATHS.benchmark("texplain_caption_file", "captions")
+        conda:
+            CPU_ENV
+        threads: stage_resource("texplain_caption_file", "cpus")
+        resources:
+            mem_mb=scaled("texplain_caption_file", "mem_mb"),
+            runtime=scaled("texplain_caption_file", "runtime"),
+        params:
+            settings=lambda w: job_settings("texplain_caption_file"),
+            args=lambda w, input, output, threads: as_json(
+                {
+                    "path": input[0],
+                    "path_column": TEXPLAIN_CAPTION_FILE["path_column"],
+                    "caption_column": TEXPLAIN_CAPTION_FILE["caption_column"],
+                    "out": output.captions,
+                    "manifest": output.manifest,
+                    "rejected": output.rejected,
+                    "workers": threads,
+                    "resize": largest_resize(),
+                }
+            ),
+        shell:
+            '"${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe texplain_caption_file {params.args:q} 2> {log}'
+
+    rule texplain_train_features:
+        input:
+            manifest=TEXPLAIN_CAPTION_IMAGES,
+            weights=trained_weights_of,
+            weights_check=weights_record_of,
+        output:
+            f"{TEXPLAIN_MODELS}/{{model}}/train_features.h5",
+        log:
+            PATHS.log("texplain_train_features", "{model}"),
+        benchmark:
+            PATHS.benchmark("texplain_train_features", "{model}")
+        conda:
+            GPU_ENV
+        threads: stage_resource("texplain_train_features", "cpus")
+        resources:
+            mem_mb=scaled("texplain_train_features", "mem_mb"),
+            runtime=scaled("texplain_train_features", "runtime"),
+            gpu=gpus("texplain_train_features"),
+        params:
+            settings=lambda w: job_settings("texplain_train_features", w.model),
+            args=lambda w, input, output, threads: as_json(
+                {
+                    "manifest": input.manifest,
+                    "target": target_dict(w.model),
+                    "layer": tx.input_spec(
+                        LAYOUT.targets[w.model], TEXPLAIN_INPUTS[w.model]
+                    ),
+                    "output_layer": None,
+                    "out": output[0],
+                    "batch_size": config["batch_size"],
+                    "workers": threads,
+                    "device": config["device"],
+                    "dtype": config["dtype"],
+                }
+            ),
+        shell:
+            'OMP_NUM_THREADS={threads} "${{NEUROSCRIBE_PYTHON:-python}}" -m neuroscribe texplain_train_features {params.args:q} 2> {log}'
 
 
 rule texplain_features:
@@ -118,7 +203,7 @@ rule texplain_features:
 
 rule texplain_train:
     input:
-        features=f"{TEXPLAIN_MODELS}/{{model}}/features.h5",
+        features=TEXPLAIN_TRAIN_FEATURES,
         captions=TEXPLAIN_CAPTIONS,
         lm=TEXPLAIN_LM_INPUT,
     output:

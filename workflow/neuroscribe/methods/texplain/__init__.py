@@ -55,14 +55,11 @@ def settings(stage: str, config: dict[str, Any]) -> Any:
     found: dict[str, Any] = {"lm": tx["lm"]}
     if stage == "texplain_lm":
         return found
-    if stage == "texplain_captions":
-        return {"captioner": result_settings_of(config["captioner"])}
-    if stage == "texplain_features":
+    if stage in ("texplain_captions", "texplain_caption_file"):
+        return {"captions": caption_source(config)}
+    if stage in ("texplain_features", "texplain_train_features"):
         return {"input_layer": tx["input_layer"]}
-    found |= {
-        "captioner": result_settings_of(config["captioner"]),
-        "input_layer": tx["input_layer"],
-    }
+    found |= {"captions": caption_source(config), "input_layer": tx["input_layer"]}
     found |= {"translator": tx["translator"], "train": tx["train"]}
     if stage == "texplain_train":
         return found
@@ -75,11 +72,28 @@ def settings(stage: str, config: dict[str, Any]) -> Any:
     raise KeyError(stage)
 
 
+def caption_source(config: dict[str, Any]) -> dict[str, Any]:
+    """Where the training captions come from: the captioner role's settings, or the caption
+    file's settings and its content's digest (an edited file retrains)."""
+    named = config["texplain"]["captions"]
+    if named is None:
+        return {"captioner": result_settings_of(config["captioner"])}
+    from neuroscribe.probe import file_digest
+
+    path = Path(named["path"])
+    return named | {"digest": file_digest(str(path)) if path.is_file() else None}
+
+
 def check_config(config: dict[str, Any], check_paths: bool) -> None:
-    """The LM folder exists (`demo` is made by the workflow)."""
+    """The LM folder exists (`demo` is made by the workflow); a caption file exists and has
+    its columns."""
     model = config["texplain"]["lm"]["model"]
     if model != DEMO_LM:
         check_model_folders({"texplain.lm.model": model}, check_paths)
+    if config["texplain"]["captions"] is not None:
+        from neuroscribe.methods.texplain.dataset import check_caption_file
+
+        check_caption_file(config["texplain"]["captions"], check_paths)
 
 
 def _top_level_candidates(modules: dict[str, dict[str, Any]], output: str | None) -> list[str]:
@@ -291,6 +305,20 @@ METHOD = Method(
             "",
             {"mem_mb": 16000, "runtime": 120, "cpus": 4},
             _captioner_gpu,
+        ),
+        Stage(
+            "texplain_caption_file",
+            "neuroscribe.methods.texplain.dataset:caption_dataset",
+            "",
+            {"mem_mb": 4000, "runtime": 60, "cpus": 4},
+            _never_gpu,
+        ),
+        Stage(
+            "texplain_train_features",
+            f"{STAGES}:extract_features",
+            "",
+            {"mem_mb": 16000, "runtime": 120, "cpus": 4},
+            _uses_gpu,
         ),
         Stage(
             "texplain_features",
