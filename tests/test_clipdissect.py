@@ -198,6 +198,7 @@ def test_stage_with_a_tiny_clip_caches_embeddings(tmp_path: Path) -> None:
 
 def demo_config(**section: object) -> dict:
     cfg = copy.deepcopy(DEMO)
+    cfg["targets"] = cfg["targets"][:1]  # the clean CNN (the second has a planted shortcut)
     cfg["clipdissect"] = dict(cfg.get("clipdissect", {})) | section
     if "clipdissect" not in cfg["methods"]:
         cfg["methods"] = [*cfg["methods"], "clipdissect"]

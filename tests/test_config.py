@@ -40,9 +40,15 @@ def test_demo_config_is_valid_and_defaults_are_filled() -> None:
     assert cfg["targets"][0]["pooling"] == "avg"
     assert cfg["targets"][0]["tokens"] == "cls"
     assert cfg["targets"][0]["weights"] is None
+    # the second target: the same CNN trained with a planted shortcut (TExplain should find it)
+    assert cfg["targets"][1]["train"]["spurious"] == {
+        "shape": "star",
+        "background": "noise",
+        "rate": 0.6,
+    }
     # a partly given resources block keeps the defaults of the keys it leaves out
     assert cfg["resources"]["activations"] == {
-        "cpus": 2,
+        "cpus": 1,
         "mem_mb": 3000,
         "runtime": 10,
         "gpus": None,
@@ -406,7 +412,8 @@ def test_build_layout_chunks_the_selected_neurons(
     cfg = demo(chunk_size=10, shard_size=100)
     cfg["targets"][0]["layers"] = [{"name": "conv2", "neurons": "0-4,20-31"}, "fc"]
     layout = build_layout(cfg)
-    assert layout.layer_sizes == {"shapenet": {"conv2": 32, "fc": 7}}
+    # the demo's second target: the same CNN with a planted shortcut, its fc described
+    assert layout.layer_sizes == {"shapenet": {"conv2": 32, "fc": 7}, "shortcut": {"fc": 7}}
     chunks = layout.chunks[("shapenet", "conv2")]
     assert [c.name for c in chunks] == ["0000", "0001"]
     assert chunks[0].neurons == (0, 1, 2, 3, 4, 20, 21, 22, 23, 24)

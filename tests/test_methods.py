@@ -58,6 +58,7 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def small_demo(**top: Any) -> dict[str, Any]:
     cfg = copy.deepcopy(DEMO)
+    cfg["targets"] = cfg["targets"][:1]  # the clean CNN (the second has a planted shortcut)
     cfg["targets"][0].pop("train")  # random weights: nothing here needs trained ones
     cfg["probe"]["datasets"][0]["n_images"] = 40
     cfg |= {"shard_size": 40, "chunk_size": 16, "top_k": 4} | top

@@ -22,6 +22,8 @@ rule train_demo_target:
         PATHS.log("train_demo_target", "{model}"),
     benchmark:
         PATHS.benchmark("train_demo_target", "{model}")
+    # every other job of the target waits for its weights: start them first
+    priority: 10
     conda:
         GPU_ENV
     threads: stage_resource("train", "cpus")

@@ -43,9 +43,14 @@ EXAMPLES = 5  # sentences kept per neuron and class, for the report and for audi
 
 
 # -- the demo LM ------------------------------------------------------------------------------
-def pretrain_demo_lm(out: str, captions: int = 4000, steps: int = 400, seed: int = 0) -> None:
+def pretrain_demo_lm(out: str, captions: int = 4000, steps: int = 1000, seed: int = 0) -> None:
     """A tiny word-level GPT-2 pre-trained on captions of demo-world scenes drawn for it (not
-    the probe images), saved as a transformers folder at `out` (written whole, then renamed)."""
+    the probe images), saved as a transformers folder at `out` (written whole, then renamed).
+
+    Steps matter more than batch size: at 400 steps of 64 the LM copies a prefix's shape and
+    colour words but not the background, the caption's last word (a translator fed the true
+    attributes said "noisy" for 43 % of noisy and 39 % of other scenes); at 1,000 steps of 32
+    it copies all three (95 % and 3 %), in about as much time."""
     from neuroscribe.demo.lm import (
         build_word_lm,
         pretrain_word_lm,
@@ -58,7 +63,7 @@ def pretrain_demo_lm(out: str, captions: int = 4000, steps: int = 400, seed: int
     shutil.rmtree(tmp, ignore_errors=True)
     build_word_lm(world_vocabulary(), tmp, seed=seed)
     metrics = pretrain_word_lm(
-        tmp, world_captions(captions, seed), steps=steps, batch_size=64, lr=2e-3, seed=seed
+        tmp, world_captions(captions, seed), steps=steps, batch_size=32, lr=3e-3, seed=seed
     )
     (tmp / "pretraining.json").write_text(json.dumps(metrics, indent=1) + "\n")
     shutil.rmtree(final, ignore_errors=True)
