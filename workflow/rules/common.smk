@@ -193,7 +193,9 @@ def evaluation_outputs():
 def checks_shortcuts():
     """A demo target was trained with a planted shortcut, and TExplain's per-class words are
     there to find it in."""
-    return "texplain" in config["methods"] and bool(planted_shortcuts(config["targets"]))
+    return "texplain" in config["methods"] and bool(
+        planted_shortcuts(config["targets"])
+    )
 
 
 def evaluated_layers():
