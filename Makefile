@@ -37,7 +37,7 @@ demo: install
 	@sed -n 's/.*neuroscribe.demo.shortcuts: /  /p' results/demo/logs/evaluate_shortcuts.log
 
 plan: install
-	snakemake --profile profiles/local --configfile config/demo.yaml plan
+	snakemake plan --profile profiles/local --configfile config/demo.yaml
 
 lint: install
 	ruff check .

@@ -361,3 +361,34 @@ def test_a_caption_file_trains_on_its_own_images_features(tmp_path, job_env):
     assert "texplain_models/shapenet/train_features.h5" in listing
     train = listing[listing.index("rule texplain_train:") :]
     assert "train_features.h5" in train.split("output:")[0]
+
+
+def test_the_plan_counts_texplain_jobs_and_bounds_its_sentences(tmp_path, monkeypatch):
+    from neuroscribe.fanout import build_layout
+    from neuroscribe.plan import build_plan
+
+    monkeypatch.chdir(tmp_path)
+    cfg = validate(_demo_config())
+    plan = build_plan(build_layout(cfg), cfg)
+    # the clean target alone here: no planted shortcut to look for
+    assert "evaluate_shortcuts" not in plan["jobs"]
+    assert {k: v for k, v in plan["jobs"].items() if k.startswith("texplain_")} == {
+        "texplain_lm": 1,
+        "texplain_captions": 1,
+        "texplain_features": 1,
+        "texplain_train": 1,
+        "texplain_reference": 1,
+        "texplain_classes": 1,
+    }
+    # each image's sentences once per target: the 800 explain-split images of the 1000 (200
+    # held out), and conv3's 64 direction steps with the mean; 24 sentences each in the demo
+    assert plan["estimates"]["texplain"]["sentences"] == 24 * (800 + 64 + 1)
+    # the whole demo: a second target, trained with a planted shortcut that is looked for
+    cfg = validate(yaml.safe_load((REPO / "config" / "demo.yaml").read_text()))
+    jobs = build_plan(build_layout(cfg), cfg)["jobs"]
+    assert jobs["evaluate_shortcuts"] == 1 and jobs["texplain_train"] == 2
+    named = {"path": str(_caption_file(tmp_path)), "path_column": "file", "caption_column": "text"}
+    cfg = validate(_demo_config(captions=named))
+    jobs = build_plan(build_layout(cfg), cfg)["jobs"]
+    assert "texplain_captions" not in jobs
+    assert jobs["texplain_caption_file"] == 1 and jobs["texplain_train_features"] == 1

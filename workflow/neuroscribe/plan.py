@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroscribe import methods
+from neuroscribe.demo.shortcuts import planted_shortcuts
 from neuroscribe.fanout import Layout
 from neuroscribe.io import write_json
 from neuroscribe.paths import RunPaths
@@ -23,7 +24,7 @@ CORE_BEFORE = (
     "merge_activations",
     "exemplars",
 )
-CORE_AFTER = ("describe", "evaluate_layer", "evaluation_summary")
+CORE_AFTER = ("describe", "evaluate_layer", "evaluation_summary", "evaluate_shortcuts")
 
 
 def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +55,9 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
     evaluation = config["evaluation"]
     if evaluation["enabled"]:
         jobs |= {"evaluate_layer": len(layout.chunks), "evaluation_summary": 1}
+        jobs["evaluate_shortcuts"] = int(
+            "texplain" in config["methods"] and bool(planted_shortcuts(config["targets"]))
+        )
     n_neurons = sum(len(c.neurons) for c in layout.all_chunks())
     estimates: dict[str, Any] = {"target_forward_images": layout.n_candidates * n_targets}
     for method in methods.enabled(config):
@@ -65,6 +69,7 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
             continue
         planned = method.plan(layout, config)
         estimates[method.name] = planned["estimates"]
+        jobs |= planned.get("jobs", {})  # its per-run and per-target jobs
         for (model, layer), info in planned["layers"].items():
             layers[model][layer][method.name] = info
     return {
@@ -120,7 +125,7 @@ def split_sizes(layout: Layout, holdout: float) -> dict[str, Any] | None:
 
 def stage_order(config: dict[str, Any]) -> list[str]:
     """Every rule of the run in pipeline order."""
-    stages = [s.name for m in methods.enabled(config) for s in m.stages]
+    stages = [s.name for m in methods.enabled(config) for s in (*m.jobs, *m.stages)]
     return [*CORE_BEFORE, *stages, *CORE_AFTER]
 
 

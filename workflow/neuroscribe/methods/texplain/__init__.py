@@ -229,24 +229,41 @@ def _captioner_gpu(config: dict[str, Any]) -> bool:
 
 
 def plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
-    """Sentences to sample: per neuron its exemplars' (or its direction step's), plus per
-    target the reference and class images."""
+    """Sentences to sample: each target's images at most once (cached per image: its
+    exemplars, reference and class images all lie in the explain split), plus one step per
+    direction-mode neuron and the mean; and the per-run and per-target jobs."""
+    from neuroscribe.methods import holdout
+    from neuroscribe.plan import split_sizes
+
     tx = config["texplain"]
     per_image = tx["sampling"]["sentences"]
     neurons = sum(len(c.neurons) for c in layout.all_chunks())
-    direction = sum(
+    direction = [
         size
         for (model, layer), size in _sizes(layout).items()
         if layer in tx["direction"]["layers"]
-    )
-    images = neurons * config["top_k"] + len(layout.targets) * tx["reference_images"]
+    ]
+    split = split_sizes(layout, holdout(config))
+    explain = split["seen_by_methods"] if split else layout.n_candidates
+    images = len(layout.targets) * explain + sum(direction) + len(direction)
+    targets, named = len(layout.targets), tx["captions"] is not None
     return {
         "estimates": {
-            "sentences": per_image * (images + direction),
-            "translators": len(layout.targets),
+            "sentences": per_image * images,
+            "translators": targets,
             "llm_requests": neurons if config["llm"]["backend"] != "none" else 0,
         },
         "layers": {},
+        "jobs": {
+            "texplain_lm": int(tx["lm"]["model"] == DEMO_LM),
+            "texplain_captions": int(not named),
+            "texplain_caption_file": int(named),
+            "texplain_features": targets,
+            "texplain_train_features": targets if named else 0,
+            "texplain_train": targets,
+            "texplain_reference": targets,
+            "texplain_classes": 1,
+        },
     }
 
 
