@@ -392,3 +392,15 @@ def test_the_plan_counts_texplain_jobs_and_bounds_its_sentences(tmp_path, monkey
     jobs = build_plan(build_layout(cfg), cfg)["jobs"]
     assert "texplain_captions" not in jobs
     assert jobs["texplain_caption_file"] == 1 and jobs["texplain_train_features"] == 1
+
+
+def test_an_edited_caption_file_changes_the_training_settings(tmp_path):
+    from neuroscribe.methods.texplain import settings
+
+    path = _caption_file(tmp_path)
+    named = {"path": str(path), "path_column": "file", "caption_column": "text"}
+    cfg = validate(_demo_config(captions=named))
+    before = settings("texplain_train", cfg)
+    assert settings("texplain_train", cfg) == before
+    path.write_text(path.read_text().replace("a blue square", "a blue diamond"))
+    assert settings("texplain_train", cfg)["captions"]["digest"] != before["captions"]["digest"]

@@ -16,6 +16,7 @@ workflow/rules/texplain.smk.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,10 +79,20 @@ def caption_source(config: dict[str, Any]) -> dict[str, Any]:
     named = config["texplain"]["captions"]
     if named is None:
         return {"captioner": result_settings_of(config["captioner"])}
+    path = Path(named["path"])
+    if not path.is_file():
+        return named | {"digest": None}
+    stat = path.stat()
+    return named | {"digest": _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """A file's digest, once per parse (every TExplain job's settings name it); size and
+    mtime are in the key so an edited file is read again."""
     from neuroscribe.probe import file_digest
 
-    path = Path(named["path"])
-    return named | {"digest": file_digest(str(path)) if path.is_file() else None}
+    return file_digest(path)
 
 
 def check_config(config: dict[str, Any], check_paths: bool) -> None:
