@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroscribe import methods
-from neuroscribe.demo.shortcuts import planted_shortcuts
+from neuroscribe.demo.shortcuts import shortcuts_checked
 from neuroscribe.fanout import Layout
 from neuroscribe.io import write_json
 from neuroscribe.paths import RunPaths
@@ -55,9 +55,7 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
     evaluation = config["evaluation"]
     if evaluation["enabled"]:
         jobs |= {"evaluate_layer": len(layout.chunks), "evaluation_summary": 1}
-        jobs["evaluate_shortcuts"] = int(
-            "texplain" in config["methods"] and bool(planted_shortcuts(config["targets"]))
-        )
+        jobs["evaluate_shortcuts"] = int(shortcuts_checked(config))
     n_neurons = sum(len(c.neurons) for c in layout.all_chunks())
     estimates: dict[str, Any] = {"target_forward_images": layout.n_candidates * n_targets}
     for method in methods.enabled(config):

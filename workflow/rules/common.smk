@@ -8,7 +8,7 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from neuroscribe import methods
 from neuroscribe.config import derive
-from neuroscribe.demo.shortcuts import planted_shortcuts
+from neuroscribe.demo.shortcuts import shortcuts_checked
 from neuroscribe.describe import failure_summary
 from neuroscribe.fanout import build_layout, chunk_groups
 from neuroscribe.plan import build_plan
@@ -187,15 +187,7 @@ def evaluation_outputs():
         PATHS.evaluation_split(),
         PATHS.evaluation_summary(),
         PATHS.evaluation_summary("csv"),
-    ] + ([PATHS.evaluation_shortcuts()] if checks_shortcuts() else [])
-
-
-def checks_shortcuts():
-    """A demo target was trained with a planted shortcut, and TExplain's per-class words are
-    there to find it in."""
-    return "texplain" in config["methods"] and bool(
-        planted_shortcuts(config["targets"])
-    )
+    ] + ([PATHS.evaluation_shortcuts()] if shortcuts_checked(config) else [])
 
 
 def evaluated_layers():

@@ -63,6 +63,12 @@ def planted_shortcuts(targets: list[dict[str, Any]]) -> dict[str, tuple[str, str
     return found
 
 
+def shortcuts_checked(config: dict[str, Any]) -> bool:
+    """A demo target was trained with a planted shortcut, and TExplain's per-class words are
+    there to find it in (the evaluation's `evaluate_shortcuts` job, when it is on)."""
+    return "texplain" in config["methods"] and bool(planted_shortcuts(config["targets"]))
+
+
 def _rank(classes: pd.DataFrame, model: str, shape: str, background: str) -> tuple[Any, ...]:
     rows = classes[
         (classes["model"] == model) & (classes["by"] == BY) & (classes["class"] == shape)
