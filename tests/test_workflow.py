@@ -68,39 +68,42 @@ def _without_environment() -> dict[str, str]:
     return env
 
 
+# the jobs of the main run: what its dry run lists (with `all`) and what its plan counts
+JOBS = {
+    "render_demo_probe": 1,
+    "train_demo_target": 1,
+    "probe_manifest": 1,
+    "activations": 3,  # 60 images / 25 per shard
+    "merge_activations": 3,  # conv2, conv3, fc
+    "exemplars": 4,  # conv2: 32 neurons in chunks of 16; conv3: 8; fc: 7 neurons
+    "captions": 4,
+    "concepts": 4,
+    "synthesis": 4,
+    "scores": 4,
+    "clipdissect": 3,  # one job per layer
+    "tellme_captions": 4,
+    "tellme_weights": 3,  # one per layer (empty but for conv3)
+    "tellme": 4,
+    "texplain_lm": 1,
+    "texplain_captions": 1,
+    "texplain_features": 1,
+    "texplain_train": 1,
+    "texplain_reference": 1,
+    "texplain_classes": 1,
+    "texplain": 4,
+    "describe": 1,
+    "evaluate_layer": 3,
+    "evaluation_summary": 1,
+}
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     workdir = tmp_path_factory.mktemp("run")
     config = _config(workdir)
     env = _without_environment()  # the jobs find the package through snakemake's interpreter
     dry = run_snakemake(workdir, config, "-n", env=env)
-    assert _job_counts(dry.stdout + dry.stderr) == {
-        "render_demo_probe": 1,
-        "train_demo_target": 1,
-        "probe_manifest": 1,
-        "activations": 3,  # 60 images / 25 per shard
-        "merge_activations": 3,  # conv2, conv3, fc
-        "exemplars": 4,  # conv2: 32 neurons in chunks of 16; conv3: 8; fc: 7 neurons
-        "captions": 4,
-        "concepts": 4,
-        "synthesis": 4,
-        "scores": 4,
-        "clipdissect": 3,  # one job per layer
-        "tellme_captions": 4,
-        "tellme_weights": 3,  # one per layer (empty but for conv3)
-        "tellme": 4,
-        "texplain_lm": 1,
-        "texplain_captions": 1,
-        "texplain_features": 1,
-        "texplain_train": 1,
-        "texplain_reference": 1,
-        "texplain_classes": 1,
-        "texplain": 4,
-        "describe": 1,
-        "evaluate_layer": 3,
-        "evaluation_summary": 1,
-        "all": 1,
-    }
+    assert _job_counts(dry.stdout + dry.stderr) == JOBS | {"all": 1}
     assert not (workdir / "results" / "demo" / "probe").exists(), "a dry run wrote outputs"
     proc = run_snakemake(workdir, config, env=env)
     # the end of the run says how many neurons were described, and that none failed
@@ -413,32 +416,7 @@ def test_plan_prints_a_summary_and_writes_plan_json(
     assert re.search(r"activations\s+3", proc.stdout)
     plan = json.loads((workdir / "results" / "demo" / "plan.json").read_text())
     assert plan["neurons"] == 47 and plan["probe"]["files"] == 60 and plan["probe"]["shards"] == 3
-    assert plan["jobs"] == {
-        "render_demo_probe": 1,
-        "train_demo_target": 1,
-        "probe_manifest": 1,
-        "activations": 3,
-        "merge_activations": 3,
-        "exemplars": 4,
-        "captions": 4,
-        "concepts": 4,
-        "synthesis": 4,
-        "scores": 4,
-        "clipdissect": 3,
-        "tellme_captions": 4,
-        "tellme_weights": 3,
-        "tellme": 4,
-        "texplain_lm": 1,
-        "texplain_captions": 1,
-        "texplain_features": 1,
-        "texplain_train": 1,
-        "texplain_reference": 1,
-        "texplain_classes": 1,
-        "texplain": 4,
-        "describe": 1,
-        "evaluate_layer": 3,
-        "evaluation_summary": 1,
-    }
+    assert plan["jobs"] == JOBS
     split = plan["split"]
     assert split["exact"] and split["images"] == 60 and 0 < split["heldout"] < 30
     assert f"{split['heldout']} of 60 probe images held out (20%" in proc.stdout
