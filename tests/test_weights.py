@@ -37,6 +37,7 @@ CNN = "python:neuroscribe.demo.cnn:tiny_cnn"
 def _config(weights: str | None, spec: str = CNN, **top: Any) -> dict[str, Any]:
     """The demo config with a target that loads `weights` instead of being trained."""
     cfg = copy.deepcopy(DEMO)
+    cfg["targets"] = cfg["targets"][:1]  # the clean CNN (the demo's second has a shortcut)
     target = cfg["targets"][0]
     target.pop("train")
     target.update(spec=spec, weights=weights)
