@@ -20,6 +20,7 @@ for _rules in method_rules():
 
 include: "workflow/rules/describe.smk"
 include: "workflow/rules/evaluation.smk"
+include: "workflow/rules/report.smk"
 
 
 # The intermediate outputs are listed too, so a deleted activation file or chunk is rebuilt on
@@ -32,6 +33,7 @@ rule all:
         chunk_outputs("exemplars"),
         method_outputs(),
         evaluation_outputs(),
+        report_outputs(),
     localrule: True
 
 

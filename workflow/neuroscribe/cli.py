@@ -35,6 +35,7 @@ CORE_STAGES = {
     "evaluate-layer": "neuroscribe.evaluation.stage:evaluate_layer",
     "evaluate-summary": "neuroscribe.evaluation.stage:summarise",
     "evaluate-shortcuts": "neuroscribe.demo.shortcuts:write_checks",
+    "report": "neuroscribe.report.build:build_report",
     "plan": "neuroscribe.plan:run_plan",
     "check-weights": "neuroscribe.weights:check_weights",
     "prefetch": "neuroscribe.prefetch:run_prefetch",

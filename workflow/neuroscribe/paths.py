@@ -101,6 +101,15 @@ class RunPaths:
         return f"{self.root}/evaluation/shortcuts.csv"
 
     @property
+    def report_index(self) -> str:
+        """The static HTML report's front page (neuroscribe.report)."""
+        return f"{self.root}/report/index.html"
+
+    def report_plot(self, model: str = MODEL, layer: str = LAYER, fmt: str = "png") -> str:
+        """A layer's evaluation plot in the report (the folder layout of neuroscribe.report)."""
+        return f"{self.root}/report/plots/{model}/{layer}.evaluation.{fmt}"
+
+    @property
     def plan(self) -> str:
         return f"{self.root}/plan.json"
 

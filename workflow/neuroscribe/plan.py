@@ -24,7 +24,7 @@ CORE_BEFORE = (
     "merge_activations",
     "exemplars",
 )
-CORE_AFTER = ("describe", "evaluate_layer", "evaluation_summary", "evaluate_shortcuts")
+CORE_AFTER = ("describe", "evaluate_layer", "evaluation_summary", "evaluate_shortcuts", "report")
 
 
 def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +51,7 @@ def build_plan(layout: Layout, config: dict[str, Any]) -> dict[str, Any]:
         "merge_activations": sum(len(t.layers) for t in layout.targets.values()),
         "exemplars": n_chunks,
         "describe": 1,
+        "report": int(config["report"]["enabled"]),
     }
     evaluation = config["evaluation"]
     if evaluation["enabled"]:

@@ -4,7 +4,11 @@ rule describe:
         methods=method_outputs(),
     output:
         parquet=PATHS.descriptions(),
-        csv=PATHS.descriptions("csv"),
+        csv=report(
+            PATHS.descriptions("csv"),
+            caption="../report/descriptions.rst",
+            category="Descriptions",
+        ),
         details=[f for files in details_outputs().values() for f in files.values()],
     log:
         PATHS.log("describe"),

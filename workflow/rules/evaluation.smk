@@ -83,7 +83,11 @@ rule evaluation_summary:
         split=PATHS.evaluation_split(),
         neurons=PATHS.evaluation_neurons(),
         summary=PATHS.evaluation_summary(),
-        csv=PATHS.evaluation_summary("csv"),
+        csv=report(
+            PATHS.evaluation_summary("csv"),
+            caption="../report/evaluation_summary.rst",
+            category="Evaluation",
+        ),
     log:
         PATHS.log("evaluation_summary"),
     benchmark:

@@ -210,7 +210,12 @@ rule texplain_train:
         translator=f"{TEXPLAIN_MODELS}/{{model}}/translator.pt",
         metrics=f"{TEXPLAIN_MODELS}/{{model}}/metrics.json",
         loss=f"{TEXPLAIN_MODELS}/{{model}}/loss.csv",
-        plot=f"{TEXPLAIN_MODELS}/{{model}}/loss.png",
+        plot=report(
+            f"{TEXPLAIN_MODELS}/{{model}}/loss.png",
+            caption="../report/texplain_loss.rst",
+            category="TExplain",
+            labels={"model": "{model}", "figure": "translator loss"},
+        ),
     log:
         PATHS.log("texplain_train", "{model}"),
     benchmark:

@@ -83,6 +83,29 @@ class MethodRows:
 
 
 @dataclass(frozen=True)
+class ReportInputs:
+    """What a method's `report` gets for one layer: its details rows of that layer (None for a
+    method without a details table) and its stages' files of that layer, by stage."""
+
+    model: str
+    layer: str
+    details: pd.DataFrame | None
+    files: dict[str, list[str]]
+    # sampled sentences or captions to show per neuron (report.sentences)
+    sentences: int
+
+
+@dataclass(frozen=True)
+class ReportPart:
+    """A method's part of each neuron page of a layer: `template` (a Jinja file) is rendered
+    with `part` = `neurons[neuron]`. Templates can `{% import "macros.html.j2" as m %}` and
+    call `thumb(path)` for an image's thumbnail; every value is escaped."""
+
+    template: Path
+    neurons: dict[int, dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     summary: str
@@ -123,6 +146,9 @@ class Method:
     # what its rules write besides its stages' tables, so the default target asks for them
     # (and rebuilds a deleted one): (layout, config) -> paths
     outputs: Callable[[Layout, dict[str, Any]], list[str]] | None = None
+    # its part of each neuron page of the report: (inputs of one layer) -> ReportPart; without
+    # it the page shows its details row as a table
+    report: Callable[[ReportInputs], ReportPart] | None = None
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:

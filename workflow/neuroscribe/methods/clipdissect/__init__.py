@@ -15,7 +15,7 @@ from typing import Any
 
 from neuroscribe.config import ConfigError, check_model_folders
 from neuroscribe.methods import Method, Stage
-from neuroscribe.methods.clipdissect import concepts, table
+from neuroscribe.methods.clipdissect import concepts, report, table
 
 WORKFLOW = Path(__file__).resolve().parents[3]  # workflow/: its rules and schemas
 # settings that are not results (how fast): changing them reruns nothing
@@ -97,4 +97,5 @@ METHOD = Method(
     check_config=check_config,
     settings=settings,
     models=models,
+    report=report.report,
 )

@@ -14,7 +14,7 @@ from typing import Any
 
 from neuroscribe.config import ConfigError, check_model_folders, derive, result_settings_of
 from neuroscribe.methods import Method, Stage
-from neuroscribe.methods.dnd import plan, prompts, table
+from neuroscribe.methods.dnd import plan, prompts, report, table
 
 WORKFLOW = Path(__file__).resolve().parents[3]  # workflow/: its rules and schemas
 STAGES = "neuroscribe.methods.dnd.stages"
@@ -140,4 +140,5 @@ METHOD = Method(
         "synthesizer": "dnd.synthesizer",
         "scoring": "dnd.scoring",
     },
+    report=report.report,
 )

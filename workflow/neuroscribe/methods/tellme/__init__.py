@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from neuroscribe.config import ConfigError, check_model_folders, derive, result_settings_of
 from neuroscribe.methods import Method, Stage
-from neuroscribe.methods.tellme import plan, prompts, table
+from neuroscribe.methods.tellme import plan, prompts, report, table
 
 if TYPE_CHECKING:
     from neuroscribe.fanout import Layout
@@ -214,4 +214,5 @@ METHOD = Method(
     settings=settings,
     models=models,
     needs_holdout=True,
+    report=report.report,
 )

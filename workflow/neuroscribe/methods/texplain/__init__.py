@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from neuroscribe.config import ConfigError, check_model_folders, result_settings_of
 from neuroscribe.methods import Method, Stage
-from neuroscribe.methods.texplain import table
+from neuroscribe.methods.texplain import report, table
 
 if TYPE_CHECKING:
     from neuroscribe.config import TargetSpec
@@ -378,4 +378,5 @@ METHOD = Method(
     ),
     outputs=outputs,
     needs_holdout=False,
+    report=report.report,
 )
