@@ -16,12 +16,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The SLURM tests start a real single-node cluster: Debian's slurm-wlm and munge, installed
-# here when missing and run as root (elsewhere those tests skip, saying why).
+# The SLURM tests start a real single-node cluster: Debian's slurm-wlm and munge; the report's
+# tests open it in Debian's chromium through chromium-driver. Installed here when missing and run
+# as root (elsewhere those tests skip, saying why).
+SYSTEM_PACKAGES := slurm-wlm munge chromium chromium-driver
 system-packages:
-	@if [ "$$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null; then \
-		apt-get install -y slurm-wlm munge >/dev/null \
-		|| (apt-get update >/dev/null && apt-get install -y slurm-wlm munge >/dev/null); \
+	@if [ "$$(id -u)" = 0 ] && ! (command -v slurmctld && command -v chromedriver) >/dev/null; then \
+		apt-get install -y $(SYSTEM_PACKAGES) >/dev/null \
+		|| (apt-get update >/dev/null && apt-get install -y $(SYSTEM_PACKAGES) >/dev/null); \
 	fi
 
 demo: install
@@ -31,6 +33,7 @@ demo: install
 	@echo "each method's details in results/demo/descriptions/{dnd,clipdissect,tellme,texplain}.parquet;"
 	@echo "the evaluation: results/demo/evaluation/ (neurons.parquet, summary.csv); the probe"
 	@echo "manifest: results/demo/probe/manifest.parquet; logs: results/demo/logs/."
+	@echo "The report: open results/demo/report/index.html in a browser (see README.md, The report)."
 	@echo "Every method on the held-out images, against its shuffled labels and the world's truth:"
 	@sed -n 's/.*neuroscribe.evaluation.stage: /  /p' results/demo/logs/evaluation_summary.log
 	@echo "The planted shortcut in TExplain's per-class words (results/demo/evaluation/shortcuts.csv):"

@@ -150,6 +150,8 @@ def synthetic_run(
     ).to_parquet(synthesis)
 
     models = json.dumps({"target": "torchvision:resnet50", "captioner": "blip", "llm": "gpt"})
+    # one generator per method: a method's rows stay the same when another method is added
+    own = {m: np.random.default_rng([seed, i]) for i, m in enumerate(METHODS)}
     rows, dnd, tellme, texplain, scored = [], [], [], [], []
     top = np.argsort(-acts.astype(np.float32), axis=0)[:10].T  # [neurons, 10]
     for n in range(neurons):
@@ -157,6 +159,7 @@ def synthetic_run(
         boxes = [[8, 8, 60, 70] if k % 3 == 0 else None for k in range(10)]
         values = [float(acts[i, n]) for i in top[n]]
         for method in methods:
+            rng = own[method]
             label = (labels or {}).get(n) or _phrase(rng)
             rows.append(
                 {
@@ -192,6 +195,7 @@ def synthetic_run(
                     }
                 )
         key = {"model": MODEL, "layer": LAYER, "neuron": n}
+        rng = own["dnd"]
         picked = [str(c) for c in rng.choice(concepts, 5, replace=False)]
         dnd.append(
             key
@@ -203,6 +207,7 @@ def synthetic_run(
                 "candidate_scores": rng.uniform(0, 5, 5).tolist(),
             }
         )
+        rng = own["tellme"]
         tellme.append(
             key
             | {
@@ -218,6 +223,7 @@ def synthetic_run(
                 "simulator": "llm",
             }
         )
+        rng = own["texplain"]
         words = [str(w) for w in rng.choice(WORDS, 10, replace=False)]
         texplain.append(
             key

@@ -13,6 +13,7 @@ import h5py
 import pandas as pd
 import pytest
 import yaml
+from browser import broken_images, chrome, console_errors, needs_chromium, open_page, screenshot
 
 from conftest import REPO, run_snakemake, workflow_env
 from neuroscribe.demo.world import SHAPES
@@ -94,6 +95,7 @@ JOBS = {
     "describe": 1,
     "evaluate_layer": 3,
     "evaluation_summary": 1,
+    "report": 1,
 }
 
 
@@ -181,6 +183,58 @@ def test_full_run_writes_the_table(finished: tuple[Path, Path]) -> None:
     log = (results / "logs" / "activations" / "shapenet" / "shard-0000.log").read_text()
     assert "100%" in log and "img" in log  # the tqdm bar
     assert not list(results.rglob(".*.tmp-*")), "temporary files left behind"
+
+
+@needs_chromium
+def test_the_report_opens_in_chromium_and_its_filter_narrows_the_rows(
+    finished: tuple[Path, Path],
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    workdir, _ = finished
+    report = workdir / "results" / "demo" / "report"
+    table = pd.read_parquet(workdir / "results" / "demo" / "descriptions.parquet")
+    conv2 = table[(table["model"] == "shapenet") & (table["layer"] == "conv2")]
+    # a word of some labels but not all: the rows whose labels hold it, by any method (the
+    # page splits labels into words as this does)
+    words = conv2["label"].fillna("").str.lower().map(lambda x: set(re.findall(r"[^\W_]+", x)))
+    word = next(
+        w
+        for w in sorted(set().union(*words))
+        if 0 < conv2[words.map(lambda ws, w=w: w in ws)]["neuron"].nunique() < 32
+    )
+    expected = set(conv2[words.map(lambda ws: word in ws)]["neuron"])
+    driver = chrome()
+    try:
+        pages = {
+            "demo-index": report / "index.html",
+            "demo-layer": report / "layers" / "shapenet" / "conv2.html",
+            "demo-neuron": report / "neurons" / "shapenet" / "conv2" / "0.html",
+        }
+        for name, page in pages.items():
+            open_page(driver, page)
+            assert console_errors(driver) == [], name
+            assert broken_images(driver) == [], name
+            assert driver.find_elements(By.TAG_NAME, "img"), name
+            screenshot(driver, name)
+        open_page(driver, pages["demo-layer"])
+        assert "32 of 32 neurons" in driver.find_element(By.ID, "count").text
+        driver.find_element(By.ID, "filter").send_keys(word)
+        shown = {
+            int(r.get_attribute("data-neuron"))
+            for r in driver.find_elements(By.CSS_SELECTOR, "tr.neuron")
+        }
+        assert shown == expected
+        screenshot(driver, "demo-layer-filtered")
+        assert console_errors(driver) == []
+    finally:
+        driver.quit()
+    # every method's part of the neuron page, and the plots on the index
+    neuron = pages["demo-neuron"].read_text()
+    for method in ("dnd", "clipdissect", "tellme", "texplain"):
+        assert f"<h2>{method}</h2>" in neuron
+    index = pages["demo-index"].read_text()
+    assert "plots/shapenet/conv2.evaluation.png" in index and "Plan against what was spent" in index
 
 
 def test_every_method_is_scored_on_the_held_out_images(finished: tuple[Path, Path]) -> None:
@@ -356,6 +410,7 @@ def test_complete_rerun_does_nothing_and_a_deleted_chunk_reruns_alone(
         "describe": 1,
         "evaluate_layer": 3,  # each reads the rewritten table; unchanged labels come from its cache
         "evaluation_summary": 1,
+        "report": 1,
         "all": 1,
     }
     run_snakemake(workdir, config, env=job_env)
@@ -396,6 +451,7 @@ def test_a_changed_setting_reruns_the_jobs_it_changes_and_no_others(
         "describe": 1,
         "evaluate_layer": 3,
         "evaluation_summary": 1,
+        "report": 1,
         "all": 1,
     }
     assert "Params have changed since last execution" in dry.stdout + dry.stderr
