@@ -129,4 +129,6 @@ def tiny_config(probe_root: Path) -> dict[str, object]:
         "probe": {"datasets": [{"name": "pics", "type": "folder", "path": str(probe_root)}]},
         "methods": ["topk"],
         "device": "cpu",
+        # the report has its own tests (test_report.py, test_workflow.py)
+        "report": {"enabled": False},
     }

@@ -288,3 +288,8 @@ def test_a_plugin_method_runs_through_the_workflow(tmp_path: Path) -> None:
         best, count = Counter(captions).most_common(1)[0]  # ties: the higher-ranked first
         assert (row["status"], row["label"], row["score"]) == ("ok", best, count)
     assert "frequent: 39 of 39 neurons described" in proc.stderr
+    # the report shows its labels and, as it has no `report` hook, its details rows as a table
+    page = (results / "report" / "neurons" / "shapenet" / "fc" / "3.html").read_text()
+    assert "<h2>frequent</h2>" in page
+    label = frequent.loc[("fc", 3), "label"]
+    assert f'<td class="label">{label}</td>' in page and "<th>count</th>" in page

@@ -323,6 +323,7 @@ def test_snakemake_prefetch_downloads_the_configured_models(
     scoring = {"similarity": {"backend": "clip", "model": CLIP_ID}}
     cfg = _dnd_config(dnd=DEMO["dnd"] | {"scoring": scoring})  # the demo's own synthesizer
     config = tmp_path / "config.yaml"
+    cfg["report"] = {"enabled": False}  # tested in test_report.py and test_workflow.py
     config.write_text(yaml.safe_dump(cfg))
     proc = run_snakemake(tmp_path, config, "prefetch", env=_online_env(hub, empty_hf_home))
     assert f"downloaded               similarity           {CLIP_ID}" in proc.stdout

@@ -133,7 +133,7 @@ def _gpus(job: dict[str, str]) -> int:
 
 # GPUs per job with `device: auto`: the demo target's stages use one; training (on the CPU),
 # merging and the table use none
-GPUS = {"train": 0, "activations": 1, "merge": 0, "describe": 0}
+GPUS = {"train": 0, "activations": 1, "merge": 0, "describe": 0, "report": 0}
 
 
 def test_each_job_asked_for_its_stage_resources(cluster: Cluster, drilled: Drilled) -> None:
@@ -144,6 +144,7 @@ def test_each_job_asked_for_its_stage_resources(cluster: Cluster, drilled: Drill
         ("activations", "activations"),
         ("merge_activations", "merge"),
         ("describe", "describe"),
+        ("report", "report"),
     ]:
         ids = _job_ids(on_slurm, rule)
         assert ids, f"no SLURM job for {rule}"

@@ -352,6 +352,7 @@ def test_a_caption_file_trains_on_its_own_images_features(tmp_path, job_env):
     )
     cfg["methods"] = ["topk", "texplain"]
     config = tmp_path / "config.yaml"
+    cfg["report"] = {"enabled": False}  # tested in test_report.py and test_workflow.py
     config.write_text(yaml.safe_dump(cfg))
     dry = run_snakemake(tmp_path, config, "-n", "-p", env=job_env)
     listing = dry.stdout + dry.stderr

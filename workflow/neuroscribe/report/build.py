@@ -143,13 +143,23 @@ class LayerData:
     columns: dict[int, int]  # neuron -> column of `activations`
     evaluation: pd.DataFrame | None
     parts: dict[str, tuple[jinja2.Template, methods.ReportPart]] = field(default_factory=dict)
-    generic: dict[str, pd.DataFrame] = field(default_factory=dict)
-    scored: dict[int, pd.DataFrame] = field(init=False)  # evaluation rows by neuron
+    generic: dict[str, dict[int, list[dict[str, Any]]]] = field(default_factory=dict)
+    # the description and evaluation rows by neuron, as records (pandas per neuron is slow)
+    records: dict[int, list[dict[str, Any]]] = field(init=False)
+    scored: dict[int, list[dict[str, Any]]] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.records = _by_neuron(self.rows)
         self.scored = {}
         if self.evaluation is not None:
-            self.scored = {int(n): g for n, g in self.evaluation.groupby("neuron", sort=False)}
+            self.scored = _by_neuron(self.evaluation.sort_values(["method", "metric"]))
+
+
+def _by_neuron(table: pd.DataFrame) -> dict[int, list[dict[str, Any]]]:
+    found: dict[int, list[dict[str, Any]]] = {}
+    for record in table.to_dict("records"):
+        found.setdefault(int(record["neuron"]), []).append(record)
+    return found
 
 
 def _manifest(path: str) -> dict[str, tuple[str, int, int]]:
@@ -189,7 +199,10 @@ def method_parts(
     details: dict[str, pd.DataFrame],
     stage_files: Mapping[str, Mapping[str, list[str]]],
     sentences: int,
-) -> tuple[dict[str, tuple[jinja2.Template, methods.ReportPart]], dict[str, pd.DataFrame]]:
+) -> tuple[
+    dict[str, tuple[jinja2.Template, methods.ReportPart]],
+    dict[str, dict[int, list[dict[str, Any]]]],
+]:
     """Each enabled method's part of the layer's neuron pages: its own (`Method.report`) or,
     for a method without one, its details rows shown as a table."""
     parts, generic = {}, {}
@@ -201,7 +214,7 @@ def method_parts(
             rows = table[(table["model"] == model) & (table["layer"] == layer)]
         if method.report is None:
             if rows is not None and len(rows):
-                generic[name] = rows
+                generic[name] = _by_neuron(rows)
             continue
         part = method.report(
             methods.ReportInputs(
@@ -216,10 +229,10 @@ def method_parts(
     return parts, generic
 
 
-def _generic_rows(table: pd.DataFrame, neuron: int) -> list[list[tuple[str, str]]]:
+def _generic_rows(records: list[dict[str, Any]]) -> list[list[tuple[str, str]]]:
     """A method's details rows of one neuron as (column, shortened value) pairs."""
     found = []
-    for record in table[table["neuron"] == neuron].to_dict("records"):
+    for record in records:
         pairs = []
         for key, value in record.items():
             if key in KEY:
@@ -235,7 +248,7 @@ def _generic_rows(table: pd.DataFrame, neuron: int) -> list[list[tuple[str, str]
     return found
 
 
-def _method_rows(rows: pd.DataFrame) -> list[dict[str, Any]]:
+def _method_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
             "method": r["method"],
@@ -246,14 +259,15 @@ def _method_rows(rows: pd.DataFrame) -> list[dict[str, Any]]:
             "status": r["status"],
             "error": r["error"] if isinstance(r["error"], str) else "",
         }
-        for r in rows.to_dict("records")
+        for r in rows
     ]
 
 
 def neuron_context(
-    data: LayerData, neuron: int, rows: pd.DataFrame, images: Images, order: list[int]
+    data: LayerData, neuron: int, images: Images, previous: int | None, following: int | None
 ) -> dict[str, Any]:
-    first = rows.iloc[0]
+    rows = data.records[neuron]
+    first = rows[0]
     exemplars = [
         images.exemplar(str(i), b, float(a))
         for i, b, a in zip(
@@ -268,22 +282,17 @@ def neuron_context(
         hist = svg.histogram(
             data.activations[:, data.columns[neuron]], [e["activation"] for e in exemplars]
         )
-    evaluation = []
-    scored = data.scored.get(neuron)
-    if scored is not None:
-        evaluation = scored.sort_values(["method", "metric"]).to_dict("records")
-    position = order.index(neuron)
     return {
         "root": "../../../",
         "model": data.model,
         "layer": data.layer,
         "neuron": neuron,
-        "previous": order[position - 1] if position else None,
-        "next": order[position + 1] if position + 1 < len(order) else None,
+        "previous": previous,
+        "next": following,
         "methods": _method_rows(rows),
         "exemplars": exemplars,
         "hist": hist,
-        "evaluation": evaluation,
+        "evaluation": data.scored.get(neuron, []),
     }
 
 
@@ -298,8 +307,8 @@ def _part_html(
         # rendered with autoescaping on, so it is safe to place as it is
         html = template.render(part=context, thumb=lambda p: _thumb(images, p), root="../../../")
         sections.append((name, Markup(html)))
-    for name, table in data.generic.items():
-        found = _generic_rows(table, neuron)
+    for name, records in data.generic.items():
+        found = _generic_rows(records.get(neuron, []))
         if found:
             sections.append((name, found))
     return sections
@@ -309,7 +318,7 @@ def _thumb(images: Images, path: str | None) -> str | None:
     return None if path is None else images.store.thumb(path)
 
 
-def _layer_row(data: LayerData, neuron: int, rows: pd.DataFrame, thumb: str | None) -> dict:
+def _layer_row(data: LayerData, neuron: int, thumb: str | None) -> dict[str, Any]:
     """One neuron of the layer page's data: its labels, scores and statuses by method."""
     labels = {
         r["method"]: [
@@ -317,14 +326,16 @@ def _layer_row(data: LayerData, neuron: int, rows: pd.DataFrame, thumb: str | No
             None if pd.isna(r["score"]) else round(float(r["score"]), 4),
             r["status"],
         ]
-        for r in rows.to_dict("records")
+        for r in data.records[neuron]
     }
     row: dict[str, Any] = {"n": neuron, "t": thumb, "m": labels}
     found = data.scored.get(neuron)
     if found is not None:
         row["e"] = {
-            f"{r.method} {r.metric}": None if pd.isna(r.value) else round(float(r.value), 3)
-            for r in found.itertuples(index=False)
+            f"{r['method']} {r['metric']}": None
+            if pd.isna(r["value"])
+            else round(float(r["value"]), 3)
+            for r in found
         }
     return row
 
@@ -333,17 +344,17 @@ def write_layer(
     env: jinja2.Environment, writer: Writer, data: LayerData, images: Images, page_size: int
 ) -> dict[str, Any]:
     """A layer's neuron pages, its data file and its page; returns its index entry."""
-    order = sorted(int(n) for n in data.rows["neuron"].unique())
-    by_neuron = {int(n): g for n, g in data.rows.groupby("neuron", sort=False)}
+    order = sorted(data.records)
     template = env.get_template("neuron.html.j2")
     table = []
-    for neuron in order:
-        rows = by_neuron[neuron]
-        context = neuron_context(data, neuron, rows, images, order)
+    for i, neuron in enumerate(order):
+        previous = order[i - 1] if i else None
+        following = order[i + 1] if i + 1 < len(order) else None
+        context = neuron_context(data, neuron, images, previous, following)
         context["sections"] = _part_html(data, neuron, images)
         writer.text(neuron_page(data.model, data.layer, neuron), template.render(**context))
         first = next((e["thumb"] for e in context["exemplars"] if e["thumb"]), None)
-        table.append(_layer_row(data, neuron, rows, first))
+        table.append(_layer_row(data, neuron, first))
     variants = list(dict.fromkeys(data.rows["method"]))
     payload = {
         "model": data.model,
