@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -235,6 +236,19 @@ def test_the_report_opens_in_chromium_and_its_filter_narrows_the_rows(
         assert f"<h2>{method}</h2>" in neuron
     index = pages["demo-index"].read_text()
     assert "plots/shapenet/conv2.evaluation.png" in index and "Plan against what was spent" in index
+
+
+def test_snakemakes_own_report_packs_the_flagged_outputs(
+    finished: tuple[Path, Path], job_env: dict[str, str]
+) -> None:
+    workdir, config = finished
+    run_snakemake(workdir, config, "--report", "report.zip", env=job_env)
+    with zipfile.ZipFile(workdir / "report.zip") as packed:
+        names = {Path(n).name for n in packed.namelist()}
+    assert {"descriptions.csv", "summary.csv", "loss.png", "report.html"} <= names
+    assert {
+        f"{layer}.evaluation.{fmt}" for layer in ("conv2", "conv3", "fc") for fmt in ("png", "svg")
+    } <= names
 
 
 def test_every_method_is_scored_on_the_held_out_images(finished: tuple[Path, Path]) -> None:

@@ -104,9 +104,9 @@ class Writer:
 
 @dataclass
 class Images:
-    """Probe images by id (path and size, from the manifest) and their thumbnails."""
+    """Probe images by id (path, width, height, from the manifest) and their thumbnails."""
 
-    manifest: pd.DataFrame
+    manifest: dict[str, tuple[str, int, int]]
     store: ThumbnailStore
 
     def exemplar(self, image_id: str, box: Any, activation: float) -> dict[str, Any]:
@@ -173,7 +173,7 @@ def _manifest(path: str) -> dict[str, tuple[str, int, int]]:
 def _activations(path: str | None) -> tuple[np.ndarray | None, dict[int, int]]:
     if path is None or not Path(path).is_file():
         return None, {}
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:  # NFS and Lustre refuse HDF5's locks
         neurons = f["neurons"][:].tolist()
         return f["activations"][:], {int(n): i for i, n in enumerate(neurons)}
 
