@@ -31,6 +31,7 @@ of about the same cost per step as SD 1.5's) is stood in for by the SD 1.5 archi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -65,6 +66,7 @@ from neuroscribe.imagestore import ImageRequest  # noqa: E402
 from neuroscribe.methods.dnd import proposal  # noqa: E402
 from neuroscribe.methods.dnd.concepts import build_proposer  # noqa: E402
 from neuroscribe.methods.dnd.stages import score_chunk  # noqa: E402
+from neuroscribe.report.figures import rule_times  # noqa: E402
 
 # a target with one wide layer: N channels to describe
 FACTORY = """
@@ -140,6 +142,12 @@ def build_config(root: Path, args: argparse.Namespace, server_url: str) -> Path:
     models = build_models(root, args.size)
     cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     cfg["run"] = "bench"
+    # Describe-and-Dissect alone: the demo's other methods, evaluation and report are not timed
+    cfg["methods"] = ["topk", "dnd"]
+    cfg["evaluation"] = {"enabled": False}
+    cfg["report"] = {"enabled": False}
+    for other in ("tellme", "texplain", "clipdissect"):
+        cfg.pop(other, None)
     cfg["targets"] = [_target(root, args, cfg["targets"][0]["transform"])]
     cfg["probe"]["datasets"][0] |= {"n_images": args.images, "image_size": size["probe_px"]}
     cfg |= {"chunk_size": 128, "shard_size": args.images, "top_k": args.top_k}
@@ -177,7 +185,7 @@ def build_config(root: Path, args: argparse.Namespace, server_url: str) -> Path:
 def snakemake(root: Path, config: Path, *targets: str) -> None:
     # every core of the machine (the tests' command says 2): jobs run side by side
     cores = str(os.cpu_count() or 2)
-    cmd = snakemake_command(root, config, "--cores", cores, "--quiet", "all", "--", *targets)
+    cmd = snakemake_command(root, config, "--cores", cores, "--", *targets)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -324,15 +332,39 @@ def _crop_forwards(ex: pd.DataFrame) -> int:
     return ex["image_id"].nunique() + int(ex["box"].notna().sum())
 
 
-def report(pipeline: Work, reference: Work) -> None:
-    keys = list(dict.fromkeys([*reference.counts, *pipeline.counts]))
+def report(pipeline: Work, reference: Work | None) -> None:
+    ref_counts = reference.counts if reference else {}
+    keys = list(dict.fromkeys([*ref_counts, *pipeline.counts]))
     print(f"  {'per neuron':<28} {'reference':>12} {'pipeline':>12} {'ratio':>8}")
-    rows = [("wall seconds", reference.seconds, pipeline.seconds)]
-    rows += [(k, reference.counts.get(k, 0), pipeline.counts.get(k, 0)) for k in keys]
+    rows = [("wall seconds", reference.seconds if reference else None, pipeline.seconds)]
+    rows += [
+        (k, ref_counts.get(k, 0) if reference else None, pipeline.counts.get(k, 0)) for k in keys
+    ]
     for key, ref, pipe in rows:
-        r, p = ref / reference.neurons, pipe / pipeline.neurons
+        p = pipe / pipeline.neurons
+        if reference is None or ref is None:
+            print(f"  {key:<28} {'-':>12} {p:>12.2f} {'-':>8}")
+            continue
+        r = ref / reference.neurons
         ratio = f"{r / p:.1f}x" if p else "-"
         print(f"  {key:<28} {r:>12.2f} {p:>12.2f} {ratio:>8}")
+
+
+def per_neuron(work: Work | None) -> dict[str, float] | None:
+    """Wall seconds and work per neuron of one mode, for the JSON figures."""
+    if work is None:
+        return None
+    figures = {"neurons": work.neurons, "wall_s": work.seconds / work.neurons}
+    return figures | {k.replace(" ", "_"): v / work.neurons for k, v in work.counts.items()}
+
+
+def stage_seconds(root: Path) -> dict[str, dict[str, float]]:
+    """Per rule of the pipeline run, from its jobs' benchmark files: jobs and wall seconds."""
+    bench = root / "results" / "bench" / "benchmarks"
+    return {
+        t.rule: {"jobs": t.jobs, "wall_s": t.hours * 3600, "max_rss_mb": t.max_rss_mb}
+        for t in rule_times(bench, {})
+    }
 
 
 class GpuMemory:
@@ -370,7 +402,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(SIZES), default="tiny")
     parser.add_argument("--neurons", type=int, default=256)
-    parser.add_argument("--reference-neurons", type=int, default=16)
+    parser.add_argument(
+        "--reference-neurons", type=int, default=16, help="0: time the pipeline alone"
+    )
     parser.add_argument("--images", type=int, default=400, help="probe images of the demo world")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument(
@@ -392,6 +426,7 @@ def main() -> None:
         help="keep the run here (per-job times: results/bench/benchmarks); the built models are "
         "reused by the next run in the same folder",
     )
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_args()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
@@ -410,9 +445,12 @@ def main() -> None:
         with GpuMemory(args.device) as pipe_mem:
             pipeline = run_pipeline(root, config, server, args.neurons)
         with GpuMemory(args.device) as ref_mem:
-            reference = run_reference(
-                root, config, server, list(range(args.reference_neurons)), paper
-            )
+            reference = None
+            if args.reference_neurons:
+                reference = run_reference(
+                    root, config, server, list(range(args.reference_neurons)), paper
+                )
+        stages = stage_seconds(root)
     synth = cfg["dnd"]["synthesizer"]
     print(
         f"Describe-and-Dissect on {args.neurons} neurons (--size {args.size}, --device "
@@ -420,12 +458,36 @@ def main() -> None:
         f"{args.reference_neurons} neurons with {steps} steps, guidance 7.5; pipeline "
         f"(--preset {args.preset}) with {synth['steps']} steps, guidance {synth.get('guidance', 7.5)}"
     )
-    if pipe_mem.enabled:
+    gpu = GpuMemory.query("name") if pipe_mem.enabled else None
+    if gpu:
         print(
-            f"GPU: {GpuMemory.query('name')}; peak memory in use: pipeline {pipe_mem.peak_mib} "
+            f"GPU: {gpu}; peak memory in use: pipeline {pipe_mem.peak_mib} "
             f"MiB, reference {ref_mem.peak_mib} MiB"
         )
     report(pipeline, reference)
+    if args.json:
+        figures = {
+            "benchmark": "throughput",
+            "size": args.size,
+            "preset": args.preset,
+            "device": args.device,
+            "gpu": gpu,
+            "settings": {
+                "neurons": args.neurons,
+                "reference_neurons": args.reference_neurons,
+                "probe_images": args.images,
+                "top_k": args.top_k,
+                "images_per_concept": args.images_per_concept,
+                "pipeline_steps": synth["steps"],
+                "pipeline_guidance": synth.get("guidance", 7.5),
+                "reference_steps": steps,
+            },
+            "pipeline": per_neuron(pipeline),
+            "reference": per_neuron(reference),
+            "stages": stages,
+            "peak_gpu_mib": {"pipeline": pipe_mem.peak_mib, "reference": ref_mem.peak_mib},
+        }
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
