@@ -178,7 +178,7 @@ INVALID = [
         _set("chunksize", 3),
         "config: unknown key 'chunksize' (did you mean 'chunk_size'?); allowed keys: batch_size, "
         "captioner, chunk_size, clipdissect, crop_regions, crop_squash, crops, device, dnd, dtype, "
-        "evaluation, llm, max_failed_fraction, methods, preset, probe, report, resources, run, "
+        "evaluation, llm, max_failed_fraction, methods, plan, preset, probe, report, resources, run, "
         "save_every, shard_size, targets, tellme, texplain, top_k",
     ),
     (

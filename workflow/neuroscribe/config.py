@@ -417,6 +417,12 @@ def _check_semantics(config: dict[str, Any], check_paths: bool) -> None:
             raise ConfigError(
                 f"{where}: file list {ds['path']!r} of dataset '{ds['name']}' does not exist"
             )
+    calibration = config["plan"]["calibration"]
+    if check_paths and calibration and not Path(calibration).is_file():
+        raise ConfigError(
+            f"config key 'plan.calibration': file {calibration!r} does not exist; it is the "
+            "calibration.json that `python benchmarks/gpu_suite.py --out DIR` writes in DIR"
+        )
     _check_roles(config, check_paths)
 
 

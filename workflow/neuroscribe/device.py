@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
+
+from neuroscribe.gpuhours import GPU_LOG_LINE
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
     """`auto` is CUDA when this node has it; `cuda` on a node without it is an error."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("config device is 'cuda' but this node has no CUDA device")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        _announce(resolved.index or 0)
+    return resolved
+
+
+@functools.cache
+def _announce(index: int) -> None:
+    # once per job, however many models it loads
+    log.info("%s %s", GPU_LOG_LINE, torch.cuda.get_device_name(index))
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

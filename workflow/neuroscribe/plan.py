@@ -11,6 +11,7 @@ from neuroscribe.demo.shortcuts import shortcuts_checked
 from neuroscribe.fanout import Layout
 from neuroscribe.io import write_json
 from neuroscribe.paths import RunPaths
+from neuroscribe.resources import RULE_STAGES
 from neuroscribe.weights import configured_weights_file
 
 # the workflow's own stages in pipeline order, for printing (the plan travels as sorted JSON);
@@ -133,14 +134,23 @@ def run_plan(
     out: str,
     resources: dict[str, dict[str, Any]],
     cluster: dict[str, Any] | None = None,
+    gpus: dict[str, int] | None = None,
+    calibration: str | None = None,
+    steps: int | None = None,
 ) -> None:
-    """The `plan` stage: add what finished jobs tell (per method, and memory peaks), count the
-    cluster jobs of this invocation, write plan.json and print the summary."""
+    """The `plan` stage: add what finished jobs tell (per method, memory peaks, GPU-hours),
+    count the cluster jobs of this invocation, write plan.json and print the summary. `gpus`:
+    GPUs per job of each rule; `calibration`: gpu_suite.py's file; `steps`: DnD's denoising
+    steps (which calibrated preset applies)."""
     for name in plan["methods"]:
         method = methods.get(name)
         if method.observe is not None:
             plan = method.observe(plan, plan["results"])
     plan = observe_memory(plan, resources)
+    if gpus is not None:
+        from neuroscribe.gpuhours import estimate_gpu_hours
+
+        plan["gpu_hours"] = estimate_gpu_hours(plan, gpus, calibration, steps)
     if cluster is not None:
         plan["cluster"] = cluster_jobs(plan["jobs"], cluster, plan["stage_order"])
     write_json(plan, out)
@@ -239,6 +249,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         method = methods.get(name)
         if name in estimates and method.format_plan is not None:
             lines += method.format_plan(estimates[name])
+    if "gpu_hours" in plan:
+        from neuroscribe.gpuhours import format_gpu_hours
+
+        lines += format_gpu_hours(plan["gpu_hours"])
     return "\n".join(lines)
 
 
@@ -253,13 +267,6 @@ def _format_split(split: dict[str, Any] | None) -> list[str]:
     ]
 
 
-# rules whose `resources.<stage>` entry has another name; every other rule's is its own name
-RULE_STAGES = {
-    "probe_manifest": "manifest",
-    "train_demo_target": "train",
-    "merge_activations": "merge",
-    "evaluate_layer": "evaluation",
-}
 # warn when a measured peak comes this close to the request: the next, slightly larger chunk
 # or layer is killed for memory and retried with more (on SLURM, an out-of-memory retry loop)
 MEMORY_MARGIN = 0.10

@@ -48,3 +48,18 @@ def stage_gpus(config: dict[str, Any], stage: str) -> int:
         return 0
     asked = config["resources"][stage]["gpus"]
     return 1 if asked is None else asked
+
+
+# rules whose `resources.<stage>` entry has another name; every other rule's is its own name
+RULE_STAGES = {
+    "probe_manifest": "manifest",
+    "train_demo_target": "train",
+    "merge_activations": "merge",
+    "evaluate_layer": "evaluation",
+}
+
+
+def rule_gpus(config: dict[str, Any]) -> dict[str, int]:
+    """GPUs each rule's jobs ask for, by rule name (the stages' and the renamed rules')."""
+    found = {stage: stage_gpus(config, stage) for stage in config["resources"]}
+    return found | {rule: found.get(stage, 0) for rule, stage in RULE_STAGES.items()}

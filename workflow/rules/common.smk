@@ -12,7 +12,7 @@ from neuroscribe.demo.shortcuts import shortcuts_checked
 from neuroscribe.describe import failure_summary
 from neuroscribe.fanout import build_layout, chunk_groups
 from neuroscribe.plan import build_plan
-from neuroscribe.resources import DEFAULT_LIMITS, stage_gpus
+from neuroscribe.resources import DEFAULT_LIMITS, rule_gpus, stage_gpus
 
 # No `configfile:` here: a default config would be merged under every --configfile, filling
 # keys the user left out with another run's models. Without --configfile this fails, saying so.

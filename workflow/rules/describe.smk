@@ -51,6 +51,11 @@ rule plan:
                 "out": PATHS.plan,
                 "resources": config["resources"],
                 "cluster": cluster_view(),
+                "gpus": rule_gpus(config),
+                "calibration": config["plan"]["calibration"],
+                "steps": (
+                    config["dnd"]["synthesizer"]["steps"] if "dnd" in config else None
+                ),
             }
         ),
     shell:

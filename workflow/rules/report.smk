@@ -38,18 +38,6 @@ def report_evaluation(wildcards=None):
     }
 
 
-def rule_gpus():
-    """GPUs each rule's jobs ask for, by rule name, for the report's GPU-hours."""
-    found = {name: gpus(name) for name in config["resources"]}
-    renamed = {
-        "probe_manifest": "manifest",
-        "train_demo_target": "train",
-        "merge_activations": "merge",
-        "evaluate_layer": "evaluation",
-    }
-    return found | {rule: gpus(stage) for rule, stage in renamed.items()}
-
-
 def report_settings():
     """The config's part in the report: its summary, the report settings, the plan's figures
     and the GPUs each rule asks for."""
@@ -57,7 +45,7 @@ def report_settings():
         "summary": config_summary(config),
         "settings": config["report"],
         "plan": plan_figures(build_plan(LAYOUT, config)),
-        "gpus": rule_gpus(),
+        "gpus": rule_gpus(config),
     }
 
 
