@@ -45,7 +45,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "workflow"))  # the package, where it is not installed
 
 # config/config.yaml's dissection: ResNet-50 layer1-4 (256 + 512 + 1024 + 2048 channels) and fc
-CONFIG_NEURONS = 256 + 512 + 1024 + 2048 + 1000
+CONFIG_WIDTHS = (256, 512, 1024, 2048, 1000)
+CONFIG_NEURONS = sum(CONFIG_WIDTHS)
 CONFIG_PROBE_IMAGES = 50_000  # the ImageNet validation set
 CHUNK_SIZE = 128  # the workflow's default neurons per chunk job
 PAPER_S_PER_NEURON = 38.8  # Describe-and-Dissect's reported cost on a V100
@@ -237,7 +238,7 @@ def project(
     """GPU-hours of config/config.yaml's dissection from one preset's throughput figures."""
     pipeline = figures["pipeline"]
     n = pipeline["neurons"]
-    chunks = sum(math.ceil(w / CHUNK_SIZE) for w in (256, 512, 1024, 2048, 1000))
+    chunks = sum(math.ceil(w / CHUNK_SIZE) for w in CONFIG_WIDTHS)
     out: dict[str, Any] = {"neurons": CONFIG_NEURONS, "chunks": chunks}
     extraction_h = 0.0
     if activations:

@@ -157,9 +157,8 @@ def estimate_gpu_hours(
         elif stage in calibrated:
             stages.append(calibrated[stage])
         else:
-            why = "no finished job in this run" + ("" if calibration else ", no plan.calibration")
-            if calibration:
-                why += ", not in the calibration file"
+            lacking = "not in the calibration file" if calibration else "no plan.calibration"
+            why = f"no finished job in this run, {lacking}"
             stages.append(StageHours(stage, None, "", why))
     known = [s.gpu_hours for s in stages if s.gpu_hours is not None]
     return {
