@@ -459,3 +459,11 @@ def test_check_config_names_the_file_line_and_problem(
     assert capsys.readouterr().out.startswith("config OK: run 'demo' (results in results/demo/)")
     assert main(["check-config", str(tmp_path / "missing.yaml")]) == 1
     assert "config file" in capsys.readouterr().err
+
+
+def test_a_missing_calibration_file_fails_validation_naming_the_suite(tmp_path: Path) -> None:
+    cfg = demo() | {"plan": {"calibration": str(tmp_path / "calibration.json")}}
+    with pytest.raises(ConfigError, match=r"'plan\.calibration'.*gpu_suite\.py --out DIR"):
+        validate_config(cfg)
+    (tmp_path / "calibration.json").write_text("{}")
+    assert validate_config(cfg)["plan"]["calibration"] == str(tmp_path / "calibration.json")
