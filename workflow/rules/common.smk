@@ -12,6 +12,7 @@ from neuroscribe.demo.shortcuts import shortcuts_checked
 from neuroscribe.describe import failure_summary
 from neuroscribe.fanout import build_layout, chunk_groups
 from neuroscribe.plan import build_plan
+from neuroscribe.report.figures import config_summary, plan_figures
 from neuroscribe.resources import DEFAULT_LIMITS, rule_gpus, stage_gpus
 
 # No `configfile:` here: a default config would be merged under every --configfile, filling
@@ -375,3 +376,47 @@ def weights_record_of(wildcards):
     if not weights_file_of(wildcards):
         return []
     return [PATHS.weights_record(wildcards.model)]
+
+
+# Snakemake's `report()` flag; a line may not start with `report(` (read as the `report:`
+# directive)
+flagged = report
+
+
+def report_plots(fmt):
+    """A plot per evaluated layer, flagged for `snakemake --report`."""
+    if not config["evaluation"]["enabled"]:
+        return []
+    caption = "../report/evaluation_plot.rst"
+    plots = [
+        (PATHS.report_plot(m, layer, fmt), {"model": m, "layer": layer, "format": fmt})
+        for m, layer in evaluated_layers()
+    ]
+    return [
+        flagged(p, caption=caption, category="Evaluation", labels=l) for p, l in plots
+    ]
+
+
+def report_outputs():
+    """The report, when `report.enabled` (the default)."""
+    return [PATHS.report_index] if config["report"]["enabled"] else []
+
+
+def report_evaluation(wildcards=None):
+    if not config["evaluation"]["enabled"]:
+        return {}
+    return {
+        "neurons": PATHS.evaluation_neurons(),
+        "summary": PATHS.evaluation_summary(),
+    }
+
+
+def report_settings():
+    """The config's part in the report: its summary, the report settings, the plan's figures
+    and the GPUs each rule asks for."""
+    return {
+        "summary": config_summary(config),
+        "settings": config["report"],
+        "plan": plan_figures(build_plan(LAYOUT, config)),
+        "gpus": rule_gpus(config),
+    }
