@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO / "workflow"))  # the package, where it is not insta
 # config/config.yaml's dissection: ResNet-50 layer1-4 (256 + 512 + 1024 + 2048 channels) and fc
 CONFIG_WIDTHS = (256, 512, 1024, 2048, 1000)
 CONFIG_NEURONS = sum(CONFIG_WIDTHS)
+CONFIG_LAYERS = "layer1,layer2,layer3,layer4,fc"
 CONFIG_PROBE_IMAGES = 50_000  # the ImageNet validation set
 CHUNK_SIZE = 128  # the workflow's default neurons per chunk job
 PAPER_S_PER_NEURON = 38.8  # Describe-and-Dissect's reported cost on a V100
@@ -108,19 +109,26 @@ def run_part(
         log(f"   {name} {status}; the end of its errors:")
         for line in err.strip().splitlines()[-15:]:
             log(f"   ! {line}")
-    log(f"   {name}: {status}, {cost['wall_s']} s, peak GPU memory {memory.peak_mib} MiB")
+    peak = "not read (no GPU)" if memory.peak_mib is None else f"{memory.peak_mib} MiB"
+    log(f"   {name}: {status}, {cost['wall_s']} s, peak GPU memory {peak}")
     found = [line for line in lines if line.startswith("{")]
     return (json.loads(found[-1]) if found and status == "ok" else None), cost
 
 
-def units_command(workdir: Path, size: str, device: str, batch: int) -> list[str]:
+def units_command(
+    workdir: Path, size: str, device: str, batch: int, steps: int | None
+) -> list[str]:
     args = {"workdir": str(workdir), "size": size, "device": device, "batch": batch}
+    args["steps"] = steps
     return [sys.executable, str(Path(__file__).resolve()), "--child-units", json.dumps(args)]
 
 
-def measure_units(workdir: str, size: str, device: str, batch: int) -> dict[str, Any]:
+def measure_units(
+    workdir: str, size: str, device: str, batch: int, steps: int | None
+) -> dict[str, Any]:
     """Seconds per unit of each model stage, with the package's backends: each model's load,
-    then one warm-up call and one timed batch of `batch` images."""
+    then one warm-up call and one timed batch of `batch` images. The models are built in the
+    throughput parts' workdir, which then reuses them."""
     import diffusers
     import torch
     import transformers
@@ -135,7 +143,7 @@ def measure_units(workdir: str, size: str, device: str, batch: int) -> dict[str,
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    models = build_models(Path(workdir) / "models", size)
+    models = build_models(Path(workdir), size)
     fast = yaml.safe_load((REPO / "config" / "fast.yaml").read_text())["dnd"]["synthesizer"]
 
     def timed(fn: Any) -> tuple[Any, float]:
@@ -148,7 +156,8 @@ def measure_units(workdir: str, size: str, device: str, batch: int) -> dict[str,
         return value, time.perf_counter() - start
 
     out: dict[str, Any] = {"batch": batch}
-    settings = {"paper": (SIZES[size]["steps"], 7.5), "fast": (fast["steps"], fast["guidance"])}
+    settings = {"paper": (steps or SIZES[size]["steps"], 7.5)}
+    settings["fast"] = (fast["steps"], fast["guidance"])
     for preset, (steps, guidance) in settings.items():
         cfg = {"backend": "diffusers", "model": models["sd"], "steps": steps}
         cfg |= {"guidance": guidance, "size": SIZES[size]["sd_px"], "scheduler": None}
@@ -185,40 +194,44 @@ def measure_units(workdir: str, size: str, device: str, batch: int) -> dict[str,
 
 
 # -- sizing ----------------------------------------------------------------------------------
-# images drawn per neuron assumed when sizing the pipeline: the reference's 50, as a random
-# captioner's candidates rarely repeat between neurons (the run then measures the real count)
-SIZING_IMAGES_PER_NEURON = 50
+# candidates per neuron (the `dnd.candidates` default): with a random captioner they rarely
+# repeat between neurons, so sizing assumes every neuron draws all of them (the run then
+# measures the real count)
+SIZING_CANDIDATES = 5
 # seconds of job start-up and model loads per pipeline run, besides the loads timed in units
 SIZING_FIXED_S = 60.0
 
 
-def reference_cost(units: dict[str, Any], top_k: int) -> float:
-    """Estimated seconds per reference neuron: every model loaded, K captions, 50 draws."""
+def reference_cost(units: dict[str, Any], top_k: int, per_concept: int) -> float:
+    """Estimated seconds per reference neuron: every model loaded, K captions, every draw."""
     loads = sum(units[k]["load_s"] for k in ("draw_paper", "caption", "clip"))
-    draws = 50 * units["draw_paper"]["s_per_image"]
+    draws = SIZING_CANDIDATES * per_concept * units["draw_paper"]["s_per_image"]
     return loads + draws + top_k * units["caption"]["s_per_image"]
 
 
-def pipeline_cost(units: dict[str, Any], preset: str, neurons: int) -> float:
+def pipeline_cost(units: dict[str, Any], preset: str, neurons: int, per_concept: int) -> float:
     """Estimated seconds of one pipeline run of `neurons` neurons."""
     loads = sum(units[k]["load_s"] for k in (f"draw_{preset}", "caption", "clip"))
-    per_neuron = SIZING_IMAGES_PER_NEURON * units[f"draw_{preset}"]["s_per_image"]
+    per_neuron = SIZING_CANDIDATES * per_concept * units[f"draw_{preset}"]["s_per_image"]
     return SIZING_FIXED_S + 2 * loads + neurons * per_neuron
 
 
-def choose_sizes(
-    units: dict[str, Any], left_s: float, top_k: int, most: int, fewest: int
-) -> dict[str, int]:
+def choose_sizes(units: dict[str, Any], left_s: float, size: dict[str, Any]) -> dict[str, int]:
     """Pipeline and reference neurons that fit `left_s` for the paper and fast parts: the
     reference at most a quarter of it, the paper pipeline at most 60 % of the rest."""
-    reference = 2 if 2 * reference_cost(units, top_k) <= left_s / 4 else 1
-    left = left_s - reference * reference_cost(units, top_k)
-    neurons = most
-    while neurons > fewest and (
-        pipeline_cost(units, "paper", neurons) > 0.6 * left
-        or pipeline_cost(units, "paper", neurons) + pipeline_cost(units, "fast", neurons) > left
+    q = size["images_per_concept"]
+    one = reference_cost(units, size["top_k"], q)
+    reference = 2 if 2 * one <= left_s / 4 else 1
+    left = left_s - reference * one
+    neurons = size["most_neurons"]
+
+    def cost(preset: str) -> float:
+        return pipeline_cost(units, preset, neurons, q)
+
+    while neurons > size["fewest_neurons"] and (
+        cost("paper") > 0.6 * left or cost("paper") + cost("fast") > left
     ):
-        neurons = max(neurons // 2, fewest)
+        neurons = max(neurons // 2, size["fewest_neurons"])
     return {"pipeline_neurons": neurons, "reference_neurons": reference}
 
 
@@ -297,22 +310,28 @@ def sizes(smoke: bool, cores: int) -> dict[str, Any]:
     if smoke:
         return {
             "size": "tiny",
-            "activation_images": 256,
+            "activation_model": None,  # the demo CNN of activations.py --size tiny
+            "activation_images": 128,
             "workers": 1,
-            "throughput_images": 100,
-            "most_neurons": 8,
-            "fewest_neurons": 4,
-            "top_k": 5,
+            "throughput_images": 60,
+            "most_neurons": 4,
+            "fewest_neurons": 2,
+            "top_k": 3,
+            "images_per_concept": 2,
+            "steps": 2,
             "unit_batch": 2,
         }
     return {
         "size": "real",
+        "activation_model": "torchvision:resnet50",  # config/config.yaml's target
         "activation_images": 4096,
         "workers": cores,
         "throughput_images": 400,
         "most_neurons": 32,
         "fewest_neurons": 4,
         "top_k": 10,
+        "images_per_concept": 10,
+        "steps": 50,
         "unit_batch": 8,
     }
 
@@ -355,18 +374,20 @@ def main(argv: list[str] | None = None) -> int:
     costs: dict[str, Any] = {}
     acts_cmd = [*python, str(HERE / "activations.py"), "--size", size["size"], "--device", device]
     acts_cmd += ["--images", str(size["activation_images"]), "--workers", str(size["workers"])]
+    if size["activation_model"]:
+        acts_cmd += ["--model", size["activation_model"], "--layers", CONFIG_LAYERS]
     acts_cmd += ["--repeats", "1" if args.smoke else "2", "--memory-scale", "0"]
     acts_cmd += ["--workdir", str(work / "activations")]
     parts["activations"], costs["activations"] = run_part(
         log, "activations", acts_cmd, left(), device
     )
-    units_cmd = units_command(work, size["size"], device, size["unit_batch"])
+    units_cmd = units_command(
+        work / "throughput", size["size"], device, size["unit_batch"], size["steps"]
+    )
     parts["units"], costs["units"] = run_part(log, "units", units_cmd, left(), device)
     units = parts["units"]
     if units:
-        chosen = choose_sizes(
-            units, left(), size["top_k"], size["most_neurons"], size["fewest_neurons"]
-        )
+        chosen = choose_sizes(units, left(), size)
     else:
         chosen = {"pipeline_neurons": size["fewest_neurons"], "reference_neurons": 1}
     log(f"   sized to the {left():.0f} s left: {json.dumps(chosen)}")
@@ -377,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         # the reference draws with the paper's settings whatever the preset: timed once
         reference = chosen["reference_neurons"] if preset == "paper" else 0
         cmd += ["--reference-neurons", str(reference), "--images", str(size["throughput_images"])]
-        cmd += ["--top-k", str(size["top_k"]), "--workdir", str(work / "throughput")]
+        cmd += ["--top-k", str(size["top_k"]), "--steps", str(size["steps"])]
+        cmd += ["--images-per-concept", str(size["images_per_concept"])]
+        cmd += ["--workdir", str(work / "throughput")]
         cmd += ["--json", str(out)]
         # the fast part gets what is left; the paper part leaves it a share
         budget = left() if preset == "fast" else left() * 0.7
