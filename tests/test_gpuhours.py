@@ -10,6 +10,7 @@ import pytest
 
 from neuroscribe.gpuhours import (
     GPU_LOG_LINE,
+    calibrated_total,
     estimate_gpu_hours,
     format_gpu_hours,
     read_calibration,
@@ -156,3 +157,16 @@ def test_a_file_that_is_not_a_calibration_is_refused(tmp_path: Path) -> None:
         read_calibration(other)
     with pytest.raises(FileNotFoundError, match=r"gpu_suite\.py --out DIR"):
         read_calibration(tmp_path / "missing.json")
+
+
+def test_the_reports_planned_figure_ignores_the_runs_finished_jobs(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    plan = _plan(results)
+    before = calibrated_total(plan, GPUS, _calibration(tmp_path), steps=50)
+    _finished(results, "synthesis", [100.0, 140.0], "NVIDIA A100-SXM4-80GB")
+    assert calibrated_total(plan, GPUS, _calibration(tmp_path), steps=50) == before
+    per_neuron = 0.1 + 0.4 + 9.0 + 0.5  # exemplars, captions (both presets), synthesis, scores
+    assert before["gpu_hours"] == pytest.approx((0.002 * 50_000 + per_neuron * 4840) / 3600)
+    assert before["not_estimated"] == []
+    assert before["source"] == "calibration on NVIDIA H200, 2026-12-03"
+    assert calibrated_total(plan, GPUS, None, steps=50) is None

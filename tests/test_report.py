@@ -126,6 +126,7 @@ def test_the_plan_and_what_was_spent(tmp_path: Path) -> None:
             "tellme": {"requests": 0},
         },
         "images_at_most": 500,
+        "gpu_hours": None,
     }
     chunk = tmp_path / "concepts" / "m" / "l" / "0000.parquet"
     chunk.parent.mkdir(parents=True)
@@ -165,6 +166,17 @@ def test_the_plan_and_what_was_spent(tmp_path: Path) -> None:
     assert lines["texplain: LLM requests"] == (7, None)
     assert lines["images drawn"] == (500, 2)
     assert lines["GPU-hours"] == (None, 1.5)
+    # with plan.calibration, the calibration's estimate is the planned figure, with its source
+    calibrated = {"gpu_hours": 2.25, "not_estimated": ["scores"], "source": "calibration on H200"}
+    (gpu_line,) = [
+        line
+        for line in figures.plan_lines(
+            figures.plan_figures(plan, calibrated), {}, tmp_path / "images", times
+        )
+        if line.what == "GPU-hours"
+    ]
+    assert (gpu_line.planned, gpu_line.spent) == (2.25, 1.5)
+    assert "planned: calibration on H200, without scores" in gpu_line.note
 
 
 @needs_chromium

@@ -169,6 +169,28 @@ def estimate_gpu_hours(
     }
 
 
+def calibrated_total(
+    plan: dict[str, Any],
+    gpus: dict[str, int],
+    calibration: str | Path | None,
+    steps: int | None,
+) -> dict[str, Any] | None:
+    """The calibration file's GPU-hours for the whole plan, ignoring this run's finished jobs
+    (for the report's planned column, which must not change as the run goes on); None without
+    a calibration file."""
+    if not calibration:
+        return None
+    data = read_calibration(calibration)
+    wanted = [s for s in plan["stage_order"] if gpus.get(s) and plan["jobs"].get(s)]
+    found = from_calibration(plan, gpus, data, steps)
+    known = [found[s].gpu_hours for s in wanted if s in found and found[s].gpu_hours is not None]
+    return {
+        "gpu_hours": sum(known) if known else None,
+        "not_estimated": [s for s in wanted if s not in found or found[s].gpu_hours is None],
+        "source": f"calibration on {data['gpu']}, {data['measured_at'][:10]}",
+    }
+
+
 def format_gpu_hours(estimate: dict[str, Any]) -> list[str]:
     """The plan's lines for `estimate_gpu_hours`'s result."""
     if not estimate["stages"]:

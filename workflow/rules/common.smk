@@ -11,6 +11,7 @@ from neuroscribe.config import derive
 from neuroscribe.demo.shortcuts import shortcuts_checked
 from neuroscribe.describe import failure_summary
 from neuroscribe.fanout import build_layout, chunk_groups
+from neuroscribe.gpuhours import calibrated_total
 from neuroscribe.plan import build_plan
 from neuroscribe.report.figures import config_summary, plan_figures
 from neuroscribe.resources import DEFAULT_LIMITS, rule_gpus, stage_gpus
@@ -411,12 +412,22 @@ def report_evaluation(wildcards=None):
     }
 
 
+def dnd_steps():
+    """Describe-and-Dissect's denoising steps: which calibrated preset the GPU-hours use."""
+    return config["dnd"]["synthesizer"]["steps"] if "dnd" in config else None
+
+
 def report_settings():
     """The config's part in the report: its summary, the report settings, the plan's figures
-    and the GPUs each rule asks for."""
+    (GPU-hours from plan.calibration alone) and the GPUs each rule asks for."""
+    plan = build_plan(LAYOUT, config)
+    gpus = rule_gpus(config)
+    calibration = config["plan"]["calibration"]
     return {
         "summary": config_summary(config),
         "settings": config["report"],
-        "plan": plan_figures(build_plan(LAYOUT, config)),
-        "gpus": rule_gpus(config),
+        "plan": plan_figures(
+            plan, calibrated_total(plan, gpus, calibration, dnd_steps())
+        ),
+        "gpus": gpus,
     }

@@ -53,9 +53,7 @@ rule plan:
                 "cluster": cluster_view(),
                 "gpus": rule_gpus(config),
                 "calibration": config["plan"]["calibration"],
-                "steps": (
-                    config["dnd"]["synthesizer"]["steps"] if "dnd" in config else None
-                ),
+                "steps": dnd_steps(),
             }
         ),
     shell:

@@ -169,15 +169,26 @@ def config_summary(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def plan_figures(plan: dict[str, Any]) -> dict[str, Any]:
+def plan_figures(plan: dict[str, Any], gpu_hours: dict[str, Any] | None = None) -> dict[str, Any]:
     """The plan's figures the index compares with what was spent: only those that follow from
-    the config and the probe files (not from what has run), so the report is not rebuilt
-    because the run went on."""
+    the config, the probe files and the calibration file (`gpuhours.calibrated_total`), not
+    from what has run, so the report is not rebuilt because the run went on."""
     return {
         "jobs": plan["total_jobs"],
         "llm": planned_llm(plan),
         "images_at_most": planned_images(plan),
+        "gpu_hours": gpu_hours,
     }
+
+
+def planned_gpu_note(estimate: dict[str, Any] | None) -> str:
+    """Where the planned GPU-hours come from, or why there are none."""
+    if estimate is None:
+        return "not planned: no plan.calibration (benchmarks/gpu_suite.py writes one)"
+    if estimate["gpu_hours"] is None:
+        return f"not planned: the {estimate['source']} covers no GPU stage of this run"
+    missing = estimate["not_estimated"]
+    return f"planned: {estimate['source']}" + (f", without {', '.join(missing)}" if missing else "")
 
 
 def plan_lines(
@@ -207,6 +218,7 @@ def plan_lines(
                     "paid for (cached replies cost nothing)",
                 )
             )
+    estimate = None if plan is None else plan.get("gpu_hours")
     drawn = images_drawn(store)
     most = None if plan is None else plan["images_at_most"]
     if most is not None or drawn:
@@ -214,9 +226,9 @@ def plan_lines(
     lines.append(
         Line(
             "GPU-hours",
-            None,
+            (estimate or {}).get("gpu_hours"),
             sum(t.hours * t.gpus for t in times),
-            "the plan does not estimate GPU-hours; spent: job wall time × GPUs asked",
+            f"{planned_gpu_note(estimate)}; spent: job wall time × GPUs asked",
         )
     )
     lines.append(
