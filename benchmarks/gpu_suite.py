@@ -221,7 +221,7 @@ def choose_sizes(units: dict[str, Any], left_s: float, size: dict[str, Any]) -> 
     reference at most a quarter of it, the paper pipeline at most 60 % of the rest."""
     q = size["images_per_concept"]
     one = reference_cost(units, size["top_k"], q)
-    reference = 2 if 2 * one <= left_s / 4 else 1
+    reference = size["most_reference"] if size["most_reference"] * one <= left_s / 4 else 1
     left = left_s - reference * one
     neurons = size["most_neurons"]
 
@@ -316,6 +316,7 @@ def sizes(smoke: bool, cores: int) -> dict[str, Any]:
             "throughput_images": 60,
             "most_neurons": 4,
             "fewest_neurons": 2,
+            "most_reference": 1,
             "top_k": 3,
             "images_per_concept": 2,
             "steps": 2,
@@ -329,6 +330,7 @@ def sizes(smoke: bool, cores: int) -> dict[str, Any]:
         "throughput_images": 400,
         "most_neurons": 32,
         "fewest_neurons": 4,
+        "most_reference": 2,
         "top_k": 10,
         "images_per_concept": 10,
         "steps": 50,

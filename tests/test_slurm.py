@@ -31,6 +31,10 @@ from conftest import REPO, run_snakemake, snakemake_command, workflow_env
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.slurm,
+    # the drill (six invocations, 15 SLURM jobs) takes 12 min on an idle 2-core VM, most of it
+    # the plugin's status checks, whose interval grows by 10 s while no job finishes: the
+    # suite's 15-minute limit would fail it on a slower or busier machine
+    pytest.mark.timeout(1800),
     pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
 ]
 
