@@ -158,19 +158,19 @@ def measure_units(
     out: dict[str, Any] = {"batch": batch}
     settings = {"paper": (steps or SIZES[size]["steps"], 7.5)}
     settings["fast"] = (fast["steps"], fast["guidance"])
-    for preset, (steps, guidance) in settings.items():
-        cfg = {"backend": "diffusers", "model": models["sd"], "steps": steps}
+    for preset, (n_steps, guidance) in settings.items():
+        cfg = {"backend": "diffusers", "model": models["sd"], "steps": n_steps}
         cfg |= {"guidance": guidance, "size": SIZES[size]["sd_px"], "scheduler": None}
         drawer, load_s = timed(lambda c=cfg: backends.synthesizer(c, device, "auto"))
         requests = [ImageRequest("a red cube", "a photo of a red cube", i) for i in range(batch)]
         drawer.draw(requests[:1])  # warm-up: kernel selection, the allocator's first blocks
         _, draw_s = timed(lambda d=drawer, r=requests: d.draw(r))
         out[f"draw_{preset}"] = {
-            "steps": steps,
+            "steps": n_steps,
             "guidance": guidance,
             "load_s": load_s,
             "s_per_image": draw_s / batch,
-            "s_per_image_step": draw_s / batch / steps,
+            "s_per_image_step": draw_s / batch / n_steps,
         }
         drawer = None  # frees its GPU memory before the next model loads
     photo = Image.new("RGB", (500, 375), (120, 90, 60))
